@@ -1,0 +1,35 @@
+"""Tokenizing chat texts into left-padded batches, shortest-first to cut padding."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+
+def batches(tokenizer, texts: list[str], batch_size: int, device) -> Iterator[tuple[list[int], dict]]:
+    """Yield (indices into texts, model inputs) batches, grouped by token length.
+
+    Sorting by length keeps similar lengths together, so little compute goes to padding;
+    callers put results back in order through the indices.
+    """
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    order = sorted(range(len(texts)), key=lambda i: lengths[i])
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        inputs = tokenizer(
+            [texts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(device)
+        yield indices, inputs
+
+
+@torch.inference_mode()
+def last_position_logprobs(model, tokenizer, texts: list[str], batch_size: int, device) -> torch.Tensor:
+    """Log-probabilities of the first response token, (len(texts), vocab), float32 on CPU."""
+    rows: list[torch.Tensor | None] = [None] * len(texts)
+    for indices, inputs in batches(tokenizer, texts, batch_size, device):
+        logits = model(**inputs, use_cache=False, logits_to_keep=1).logits[:, -1, :]
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for row, index in enumerate(indices):
+            rows[index] = logprobs[row]
+    return torch.stack(rows)

@@ -1,0 +1,61 @@
+"""Greedy batched generation, with early stopping once a refusal is certain."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from .batching import batches
+
+
+class _StopWhenDecided(StoppingCriteria):
+    """Finish a sequence as soon as `decided(text so far)` holds; the batch ends when all are done."""
+
+    def __init__(self, tokenizer, prompt_length: int, decided: Callable[[str], bool]):
+        self.tokenizer = tokenizer
+        self.prompt_length = prompt_length
+        self.decided = decided
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_length :], skip_special_tokens=True)
+        return torch.tensor([self.decided(text) for text in texts], device=input_ids.device)
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    tokenizer,
+    texts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    device,
+    stop_when: Callable[[str], bool] | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> list[str]:
+    """Greedy responses to already-templated texts, in input order.
+
+    With `stop_when`, a sequence stops as soon as its text satisfies it; the caller must
+    only pass a condition that more text can never undo (a refusal marker has appeared).
+    """
+    responses: list[str] = [""] * len(texts)
+    for indices, inputs in batches(tokenizer, texts, batch_size, device):
+        prompt_length = inputs["input_ids"].shape[1]
+        criteria = StoppingCriteriaList([_StopWhenDecided(tokenizer, prompt_length, stop_when)]) if stop_when else None
+        output = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            stopping_criteria=criteria,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        decoded = tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
+        for index, text in zip(indices, decoded):
+            responses[index] = text
+        if advance:
+            advance(len(indices))
+    return responses

@@ -1,0 +1,144 @@
+"""Load a model and its tokenizer: dtype fallback chain, optional 4-bit, chat-template check."""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from .errors import ApostateError
+from .progress import console
+from .settings import Settings
+from .sources import ModelSource
+
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for trials, with what it was loaded from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    source: ModelSource
+    dtype: torch.dtype
+    quantized: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+
+def load_tokenizer(source: ModelSource, settings: Settings):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.location, revision=source.revision, trust_remote_code=settings.trust_remote_code
+        )
+    except Exception as error:
+        raise ApostateError(f"cannot load the tokenizer of '{source.name}': {_first_line(error)}") from None
+    if settings.chat_template is not None:
+        template_path = Path(settings.chat_template)
+        is_file = len(settings.chat_template) < 4096 and template_path.is_file()
+        tokenizer.chat_template = template_path.read_text() if is_file else settings.chat_template
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApostateError(
+            f"model '{source.name}' has no chat template; give one with --chat-template (text or a .jinja file)"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # the last prompt token must sit at position -1
+    return tokenizer
+
+
+def load_model(source: ModelSource, settings: Settings, tokenizer=None) -> LoadedModel:
+    """Try each dtype in turn; keep the first that loads and generates a finite first token."""
+    _check_config(source, settings)
+    tokenizer = tokenizer or load_tokenizer(source, settings)
+    failures = []
+    for dtype_name in settings.dtypes:
+        console.print(f"* Trying dtype [bold]{dtype_name}[/]... ", end="")
+        try:
+            model = _from_pretrained(source, settings, dtype_name)
+            _test_generation(model, tokenizer)
+        except torch.OutOfMemoryError:
+            failures.append(f"{dtype_name}: out of memory")
+        except Exception as error:  # any failure means: try the next dtype
+            failures.append(f"{dtype_name}: {_first_line(error)}")
+        else:
+            console.print("[green]ok[/]")
+            model.eval()
+            model.requires_grad_(False)
+            dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+            return LoadedModel(model, tokenizer, source, dtype, settings.quantization != "none")
+        console.print(f"[yellow]failed[/] ({failures[-1]})")
+        model = None
+        gc.collect()
+    raise ApostateError(f"could not load '{source.name}' with any dtype: " + "; ".join(failures))
+
+
+def _check_config(source: ModelSource, settings: Settings) -> None:
+    """Fail early, with one line, when the model cannot be found (offline, typo, gated)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(
+            source.location, revision=source.revision, trust_remote_code=settings.trust_remote_code
+        )
+    except Exception as error:
+        raise ApostateError(f"cannot load model '{source.name}': {_first_line(error)}") from None
+
+
+def _from_pretrained(source: ModelSource, settings: Settings, dtype_name: str):
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype_name if dtype_name == "auto" else getattr(torch, dtype_name, None)
+    if dtype is None or (dtype != "auto" and not isinstance(dtype, torch.dtype)):
+        raise ApostateError(f"'{dtype_name}' in dtypes is not a torch dtype")
+    kwargs = dict(
+        dtype=dtype,
+        device_map=settings.device_map,
+        revision=source.revision,
+        trust_remote_code=settings.trust_remote_code,
+    )
+    if settings.max_memory:
+        kwargs["max_memory"] = {_device_key(k): v for k, v in settings.max_memory.items()}
+    if settings.quantization == "bnb_4bit":
+        kwargs["quantization_config"] = _bnb_4bit_config(dtype)
+    return AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+
+
+def _bnb_4bit_config(dtype):
+    from transformers import BitsAndBytesConfig
+
+    compute = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def _test_generation(model, tokenizer) -> None:
+    """One greedy token from a short chat; non-finite logits mean the dtype does not work."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], add_generation_prompt=True, tokenize=False
+    )
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(
+        model.get_input_embeddings().weight.device
+    )
+    with torch.inference_mode():
+        logits = model(**inputs).logits[0, -1]
+    if not torch.isfinite(logits).all():
+        raise ValueError("the test generation produced non-finite logits")
+
+
+def _device_key(key: str) -> int | str:
+    return int(key) if key.isdigit() else key
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

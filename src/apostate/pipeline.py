@@ -1,0 +1,128 @@
+"""One run, stage by stage: resolve and load the model, find its writers, measure start-up
+quantities, search, then show the Pareto front and act on the chosen trial."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from .adapter import Adapter, attach_adapter
+from .architecture import Architecture, discover
+from .loading import LoadedModel, load_model, load_tokenizer
+from .methods import METHODS
+from .pareto import BaseScores, plot_front, print_front, write_pareto
+from .progress import console
+from .scoring import Scorer
+from .settings import Settings
+from .sources import ModelSource, resolve_source
+from .startup import PromptSets, Startup, Texts, evaluation_scorer, load_prompt_sets, prepare
+from .study import TrialRunner, completed, fingerprint_of, lock_run_dir, open_study, run_trials
+
+
+@dataclass
+class Session:
+    """Everything a run holds once its model is loaded and measured."""
+
+    settings: Settings
+    source: ModelSource
+    run_dir: Path
+    loaded: LoadedModel
+    architecture: Architecture
+    adapter: Adapter
+    method: object
+    study: optuna.Study
+    startup: Startup
+    texts: Texts
+    scorer: Scorer
+
+    @property
+    def model(self):
+        return self.adapter.model
+
+    @property
+    def base(self) -> BaseScores:
+        return BaseScores(self.startup.base_refusals, len(self.scorer.harmful_texts))
+
+    def restore(self, trial: optuna.trial.FrozenTrial) -> None:
+        """Put the model in the state of a finished trial (no reload: reset, then re-apply)."""
+        self.adapter.reset()
+        self.method.apply(self.method.suggest(optuna.trial.FixedTrial(trial.params)))
+
+
+def run_dir_for(settings: Settings, source: ModelSource) -> Path:
+    return settings.run_dir or Path("runs") / source.run_name
+
+
+def run(settings: Settings) -> int:
+    """The whole job; returns the exit code."""
+    source = resolve_source(settings.model, settings.model_revision, settings.cache_path())
+    run_dir = run_dir_for(settings, source)
+    lock = lock_run_dir(run_dir)
+    try:
+        if settings.evaluate_model:
+            from .results import evaluate_other_model
+
+            return evaluate_other_model(settings, source)
+        session = start_session(settings, source, run_dir)
+        finished = True
+        if not settings.show_results:
+            runner = TrialRunner(session.method, session.adapter, session.scorer, session.model)
+            finished = run_trials(session.study, runner, settings.n_trials, lambda study: _save_front(session))
+        if not completed(session.study):
+            console.print("No finished trials yet.")
+            return 0 if finished else 130
+        show_results(session)
+        if not finished:
+            return 130
+        from .results import act
+
+        act(session)
+        return 0
+    finally:
+        lock.close()
+
+
+def start_session(settings: Settings, source: ModelSource, run_dir: Path) -> Session:
+    console.print(f"Run folder: [bold]{run_dir}[/]")
+    study = open_study(run_dir, fingerprint_of(settings, source.name), settings.seed, settings.n_startup_trials)
+    prompts: PromptSets = load_prompt_sets(settings)
+    console.print(f"Loading model [bold]{source.name}[/]...")
+    tokenizer = load_tokenizer(source, settings)
+    loaded = load_model(source, settings, tokenizer)
+    architecture = discover(loaded.model)
+    _report_architecture(architecture, settings.components)
+    method_class = METHODS[settings.method]
+    adapter = attach_adapter(loaded.model, architecture, method_class.adapter_rank(settings))
+    key = {"fingerprint": fingerprint_of(settings, source.name), "dtype": str(loaded.dtype), "batch_size": settings.batch_size}
+    startup = prepare(adapter.model, tokenizer, loaded.device, settings, prompts, run_dir, key)
+    texts = Texts(tokenizer, settings, prompts, startup.response_prefix)
+    scorer = evaluation_scorer(tokenizer, loaded.device, settings, startup.batch_size, texts)
+    scorer.base_logprobs = startup.base_logprobs
+    components = [c for c in settings.components if c in architecture.components()]
+    method = method_class(adapter, startup.directions, settings, architecture.n_layers, components)
+    study.set_user_attr("base_refusals", startup.base_refusals)
+    return Session(settings, source, run_dir, loaded, architecture, adapter, method, study, startup, texts, scorer)
+
+
+def _report_architecture(architecture: Architecture, wanted: list[str]) -> None:
+    console.print(f"* {architecture.n_layers} layers, hidden size {architecture.hidden_size}")
+    for component in architecture.components():
+        counts = sorted({architecture.count(layer, component) for layer in range(architecture.n_layers)})
+        per_layer = "/".join(map(str, counts))
+        state = "" if component in wanted else " [dim](not ablated: not in components)[/]"
+        console.print(f"* {component}: {per_layer} residual writers per layer{state}")
+    for entry in architecture.unsupported:
+        console.print(f"[yellow]* not ablated, unknown kind of residual writer:[/] {entry}")
+
+
+def _save_front(session: Session) -> None:
+    write_pareto(session.study, session.run_dir, session.base, session.source.name)
+
+
+def show_results(session: Session) -> None:
+    _save_front(session)
+    print_front(session.study, session.base)
+    plot = plot_front(session.study, session.base, session.run_dir / "pareto.png")
+    console.print(f"Pareto front saved to {session.run_dir / 'pareto.json'} and {plot}")

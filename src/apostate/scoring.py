@@ -1,0 +1,84 @@
+"""How far a model moved: KL divergence of first-token distributions, and refusal counts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .batching import last_position_logprobs
+from .generation import generate
+from .progress import track
+from .refusals import RefusalDetector
+
+
+@dataclass(frozen=True)
+class Scores:
+    kl: float
+    refusals: int
+    total: int
+
+    @property
+    def refusal_rate(self) -> float:
+        return self.refusals / self.total if self.total else 0.0
+
+
+@dataclass
+class ScoringSetup:
+    """What scoring needs besides the prompts."""
+
+    tokenizer: object
+    device: torch.device
+    batch_size: int
+    max_new_tokens: int
+    detector: RefusalDetector
+
+
+class Scorer:
+    """Scores a model on fixed harmless/harmful texts against the base model's first-token distributions."""
+
+    def __init__(self, setup: ScoringSetup, harmless_texts: list[str], harmful_texts: list[str], label: str):
+        self.setup = setup
+        self.harmless_texts = harmless_texts
+        self.harmful_texts = harmful_texts
+        self.label = label
+        self.base_logprobs: torch.Tensor | None = None
+
+    def record_base(self, model) -> Scores:
+        """Measure the unedited model: its distributions become the KL reference."""
+        self.base_logprobs = self.logprobs(model)
+        return Scores(0.0, self.count_refusals(model), len(self.harmful_texts))
+
+    def logprobs(self, model) -> torch.Tensor:
+        s = self.setup
+        return last_position_logprobs(model, s.tokenizer, self.harmless_texts, s.batch_size, s.device)
+
+    def kl(self, model) -> float:
+        """KL(base ‖ model), averaged over the harmless prompts."""
+        return kl_divergence(self.base_logprobs, self.logprobs(model))
+
+    def count_refusals(self, model) -> int:
+        return sum(self.refusal_flags(model))
+
+    def refusal_flags(self, model, early_stop: bool = True) -> list[bool]:
+        s = self.setup
+        with track(f"{self.label}: refusals", len(self.harmful_texts)) as advance:
+            responses = generate(
+                model,
+                s.tokenizer,
+                self.harmful_texts,
+                s.max_new_tokens,
+                s.batch_size,
+                s.device,
+                stop_when=s.detector.decided if early_stop else None,
+                advance=advance,
+            )
+        return [s.detector.is_refusal(response) for response in responses]
+
+    def score(self, model) -> Scores:
+        return Scores(self.kl(model), self.count_refusals(model), len(self.harmful_texts))
+
+
+def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
+    return F.kl_div(logprobs, base_logprobs, reduction="batchmean", log_target=True).item()

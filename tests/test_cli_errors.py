@@ -1,0 +1,91 @@
+"""Bad input: one clear error line, a non-zero exit, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from apostate.cli import main
+from tiny import tiny_model_folder
+
+
+def single_error_line(capsys, code) -> str:
+    captured = capsys.readouterr()
+    output = captured.err + captured.out
+    assert code != 0
+    assert "Traceback" not in output
+    lines = [line for line in output.splitlines() if line.startswith("apostate: error:")]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+def test_unknown_model_path(tmp_path, capsys):
+    code = main([str(tmp_path / "missing-model"), "--run-dir", str(tmp_path / "run")])
+    assert "does not exist" in single_error_line(capsys, code)
+
+
+def test_missing_gguf_file(tmp_path, capsys):
+    code = main([str(tmp_path / "model.gguf"), "--run-dir", str(tmp_path / "run")])
+    assert "GGUF file" in single_error_line(capsys, code)
+
+
+def test_model_without_chat_template(tmp_path, capsys):
+    folder = tiny_model_folder(tmp_path / "plain", chat_template=None)
+    code = main([str(folder), "--run-dir", str(tmp_path / "run"), "--dtypes", "float32"])
+    assert "no chat template" in single_error_line(capsys, code)
+
+
+def test_empty_prompt_file(tmp_path, capsys, model_dir):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    code = main([str(model_dir), "--run-dir", str(tmp_path / "run"), "--harmful.source", str(empty)])
+    assert "holds no prompts" in single_error_line(capsys, code)
+
+
+def test_invalid_config_value(tmp_path, capsys, model_dir):
+    config = tmp_path / "bad.toml"
+    config.write_text("max_response_tokens = -3\n")
+    code = main([str(model_dir), "--config", str(config)])
+    line = single_error_line(capsys, code)
+    assert "max_response_tokens" in line and "greater than" in line
+
+
+def test_missing_config_file(tmp_path, capsys, model_dir):
+    code = main([str(model_dir), "--config", str(tmp_path / "nope.toml")])
+    assert "nope.toml does not exist" in single_error_line(capsys, code)
+
+
+def test_dataset_id_while_offline(tmp_path, capsys, model_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    code = main([str(model_dir), "--run-dir", str(tmp_path / "run"), "--harmful.source", "nobody/harmful-things"])
+    assert "cannot load prompt dataset 'nobody/harmful-things'" in single_error_line(capsys, code)
+
+
+def test_hub_id_while_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["nobody/no-such-model", "--run-dir", str(tmp_path / "run")])
+    assert "cannot load" in single_error_line(capsys, code)
+
+
+def test_demo_without_its_packages(tmp_path, capsys, monkeypatch):
+    import apostate.demo as demo
+
+    monkeypatch.setattr(demo, "DEMO_PACKAGES", ["apostate_no_such_part"])
+    code = main(["demo", "--run-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")])
+    assert "pip install 'apostate[demo]'" in single_error_line(capsys, code)
+
+
+def test_real_process_prints_no_traceback(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "apostate", str(tmp_path / "nothing-here"), "--run-dir", str(tmp_path / "run")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("apostate: error:")

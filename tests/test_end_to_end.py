@@ -1,0 +1,143 @@
+"""Headless runs on a tiny random model: trials, resume after interruption, export, reload."""
+
+import json
+
+import optuna
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from apostate.batching import last_position_logprobs
+from apostate.cli import main
+from apostate.scoring import kl_divergence
+from apostate.settings import parse_command_line
+from apostate.startup import Texts, load_prompt_sets
+from apostate.study import TrialRunner, completed, open_study
+from tiny import tiny_model_folder
+
+SMALL = [
+    "--dtypes", "float32",
+    "--batch-size", "8",
+    "--max-response-tokens", "6",
+    "--n-startup-trials", "2",
+    "--harmless.direction-count", "12", "--harmless.evaluation-count", "6", "--harmless.heldout-count", "6",
+    "--harmful.direction-count", "12", "--harmful.evaluation-count", "6", "--harmful.heldout-count", "6",
+]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny") / "tiny-qwen")
+
+
+def load_study(run_dir):
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(run_dir / "study.journal")))
+    return optuna.load_study(study_name="apostate", storage=storage)
+
+
+def run(model_dir, run_dir, *flags):
+    return main([str(model_dir), "--run-dir", str(run_dir), *SMALL, *flags])
+
+
+def test_interrupted_run_resumes_without_losing_trials(model_dir, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    original = TrialRunner.__call__
+    calls = {"count": 0}
+
+    def interrupt_third(self, trial):
+        calls["count"] += 1
+        if calls["count"] == 3:
+            raise KeyboardInterrupt
+        return original(self, trial)
+
+    monkeypatch.setattr(TrialRunner, "__call__", interrupt_third)
+    assert run(model_dir, run_dir, "--n-trials", "4", "--headless") == 130
+    first = {t.number: t.values for t in completed(load_study(run_dir))}
+    assert len(first) == 2
+    assert (run_dir / "pareto.json").is_file()
+
+    monkeypatch.setattr(TrialRunner, "__call__", original)
+    assert run(model_dir, run_dir, "--n-trials", "4", "--headless") == 0
+    trials = completed(load_study(run_dir))
+    assert len(trials) == 4
+    for trial in trials:  # the trials from before the interruption are still there, unchanged
+        if trial.number in first:
+            assert trial.values == first[trial.number]
+
+    # More trials can be added later, and finished results shown again without new trials.
+    assert run(model_dir, run_dir, "--n-trials", "5", "--headless") == 0
+    assert len(completed(load_study(run_dir))) == 5
+    assert run(model_dir, run_dir, "--n-trials", "9", "--headless", "--show-results") == 0
+    assert len(completed(load_study(run_dir))) == 5
+    pareto = json.loads((run_dir / "pareto.json").read_text())
+    assert pareto["completed_trials"] == 5 and pareto["pareto"]
+    entry = pareto["pareto"][0]
+    assert {"number", "parameters", "refusal_rate", "kl"} <= set(entry)
+    assert "base_refusal_rate" in pareto
+
+
+def test_export_reloads_with_plain_transformers_and_matches_the_scored_model(model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    output = tmp_path / "exported"
+    code = run(
+        model_dir, run_dir, "--n-trials", "3", "--headless", "--trial", "1",
+        "--actions", "save", "--output-dir", str(output),
+    )
+    assert code == 0
+    record = json.loads((output / "apostate.json").read_text())
+    assert record["trial"] == 1 and record["optuna_parameters"]
+    assert (output / "README.md").is_file()
+
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    exported = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    assert tokenizer.chat_template, "the chat template travels with the export"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    generated = exported.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+    # The exported weights are the base weights plus exactly the trial's edit.
+    study = load_study(run_dir)
+    trial = next(t for t in completed(study) if t.number == 1)
+    changed = [
+        name for name, parameter in exported.state_dict().items()
+        if not torch.equal(parameter, base.state_dict()[name])
+    ]
+    assert changed and all(name.endswith(("o_proj.weight", "down_proj.weight")) for name in changed)
+    # Scored on the evaluation prompts, the exported model gives the KL the trial recorded.
+    settings = parse_command_line([str(model_dir), *SMALL])
+    prefix = torch.load(run_dir / "startup.pt", weights_only=False)["startup"].response_prefix
+    texts = Texts(tokenizer, settings, load_prompt_sets(settings), prefix).of("harmless", "evaluation")
+    kl = kl_divergence(
+        last_position_logprobs(base, tokenizer, texts, 8, "cpu"),
+        last_position_logprobs(exported, tokenizer, texts, 8, "cpu"),
+    )
+    assert kl > 0
+    assert kl == pytest.approx(trial.user_attrs["kl"], rel=1e-3, abs=1e-6)
+
+
+def test_adapter_export(model_dir, tmp_path):
+    output = tmp_path / "adapter"
+    code = run(model_dir, tmp_path / "run", "--n-trials", "2", "--headless", "--actions", "save-adapter", "--output-dir", str(output))
+    assert code == 0
+    config = json.loads((output / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and (output / "adapter_model.safetensors").is_file()
+
+
+def test_abandoned_running_trial_is_failed_on_reopen(tmp_path):
+    study = open_study(tmp_path, {"a": 1}, seed=1, n_startup_trials=1)
+    study.ask()  # as if the process was killed mid-trial
+    reopened = open_study(tmp_path, {"a": 1}, seed=1, n_startup_trials=1)
+    assert [t.state for t in reopened.trials] == [optuna.trial.TrialState.FAIL]
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    from apostate.errors import ApostateError
+
+    open_study(tmp_path, {"row_normalization": "full"}, seed=1, n_startup_trials=1)
+    with pytest.raises(ApostateError, match="changed: row_normalization"):
+        open_study(tmp_path, {"row_normalization": "none"}, seed=1, n_startup_trials=1)
