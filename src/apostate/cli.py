@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(console, message: str, code: int = 2) -> int:
-    console.print(f"[red]apostate: error:[/] {message}", soft_wrap=True)
+    from rich.markup import escape
+
+    # Escaped: messages quote user input and commands such as `pip install 'apostate[demo]'`.
+    console.print(f"[red]apostate: error:[/] {escape(message)}", soft_wrap=True)
     return code
 
 
