@@ -11,7 +11,7 @@ import optuna
 from .adapter import Adapter, attach_adapter
 from .architecture import Architecture, discover
 from .loading import LoadedModel, load_model, load_tokenizer
-from .methods import METHODS
+from .methods import METHODS, MethodContext
 from .pareto import BaseScores, plot_front, print_front, write_pareto
 from .progress import console
 from .scoring import Scorer
@@ -47,7 +47,7 @@ class Session:
 
     def restore(self, trial: optuna.trial.FrozenTrial) -> None:
         """Put the model in the state of a finished trial (no reload: reset, then re-apply)."""
-        self.adapter.reset()
+        self.method.reset()
         self.method.apply(self.method.suggest(optuna.trial.FixedTrial(trial.params)))
 
 
@@ -68,7 +68,7 @@ def run(settings: Settings) -> int:
         session = start_session(settings, source, run_dir)
         finished = True
         if not settings.show_results:
-            runner = TrialRunner(session.method, session.adapter, session.scorer, session.model)
+            runner = TrialRunner(session.method, session.scorer, session.model, settings.kl_cutoff)
             finished = run_trials(session.study, runner, settings.n_trials, lambda study: _save_front(session))
         if not completed(session.study):
             console.print("No finished trials yet.")
@@ -101,9 +101,31 @@ def start_session(settings: Settings, source: ModelSource, run_dir: Path) -> Ses
     scorer = evaluation_scorer(tokenizer, loaded.device, settings, startup.batch_size, texts)
     scorer.base_logprobs = startup.base_logprobs
     components = [c for c in settings.components if c in architecture.components()]
-    method = method_class(adapter, startup.directions, settings, architecture.n_layers, components)
+    context = MethodContext(adapter, settings, architecture.n_layers, components, startup.directions)
+    if method_class.needs_captures:
+        context.captures = capture_for_fitting(adapter, tokenizer, loaded.device, settings, texts, startup.batch_size)
+    method = method_class(context)
     study.set_user_attr("base_refusals", startup.base_refusals)
     return Session(settings, source, run_dir, loaded, architecture, adapter, method, study, startup, texts, scorer)
+
+
+def capture_for_fitting(adapter: Adapter, tokenizer, device, settings: Settings, texts: Texts, batch_size: int) -> dict:
+    """Module inputs and outputs on the direction prompts, for methods fitted to them (ARA)."""
+    from .captures import build_captures, capture_slots, capture_writer_inputs
+
+    slots, skipped = capture_slots(adapter)
+    for entry in skipped:
+        console.print(f"[yellow]* not edited by {settings.method}, fused expert parameter:[/] {entry}")
+    console.print("Capturing module inputs and outputs...")
+    inputs = {
+        side: capture_writer_inputs(
+            adapter.model, tokenizer, slots, texts.of(side, "direction"), batch_size, device, f"capturing ({side})"
+        )
+        for side in ("harmless", "harmful")
+    }
+    captures = build_captures(slots, inputs["harmless"], inputs["harmful"], settings.ara.basis_rank)
+    index_of = {id(slot): index for index, slot in enumerate(adapter.slots)}
+    return {index_of[id(slot)]: capture for slot, capture in zip(slots, captures)}
 
 
 def _report_architecture(architecture: Architecture, wanted: list[str]) -> None:

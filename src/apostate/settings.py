@@ -23,6 +23,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .ara_settings import AraSettings
+
 DEFAULT_REFUSAL_MARKERS = [
     "sorry",
     "i can't",
@@ -252,7 +254,11 @@ class Settings(BaseSettings):
     )
 
     # --- Method ----------------------------------------------------------------------
-    method: Literal["directional"] = Field(default="directional", description="Ablation method.")
+    method: Literal["directional", "ara", "ara-lora"] = Field(
+        default="directional",
+        description="'directional': directional ablation; 'ara': Arbitrary-Rank Ablation of full weights; "
+        "'ara-lora': ARA optimized as LoRA factors (works on 4-bit models).",
+    )
     components: list[Literal["attn", "mlp"]] = Field(
         default=["attn", "mlp"],
         min_length=1,
@@ -276,11 +282,18 @@ class Settings(BaseSettings):
         default=3, ge=1, description="LoRA rank approximating the 'full' row-normalized edit."
     )
     search: SearchSpace = Field(default_factory=SearchSpace, description="Parameter ranges of the search.")
+    ara: AraSettings = Field(default_factory=AraSettings, description="Arbitrary-Rank Ablation: fitting and ranges.")
 
     # --- Optimizer -------------------------------------------------------------------
     n_trials: int = Field(default=120, ge=1, description="Total trials in the study (raise it to add trials to a run).")
     n_startup_trials: int = Field(default=30, ge=0, description="Random trials before TPE starts modelling.")
     seed: int | None = Field(default=None, description="Sampler seed (unset: random, recorded in the run).")
+    kl_cutoff: float = Field(
+        default=2.0,
+        gt=0,
+        description="A trial whose KL divergence exceeds this is marked infeasible (Optuna constraint, pruned) "
+        "and its refusals are not counted.",
+    )
     show_results: bool = Field(
         default=False, description="Run no new trials; show what the run folder already holds."
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import random
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from .errors import ApostateError
+from .methods import BrokenEdit
 from .progress import console, track
 
 STUDY_NAME = "apostate"
@@ -78,52 +80,82 @@ def _fail_abandoned_trials(study: optuna.Study) -> None:
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
 
 
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
 def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Scored trials (the ones that can be on the Pareto front)."""
     return study.get_trials(deepcopy=False, states=[TrialState.COMPLETE])
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Trials that count toward n_trials: scored ones and infeasible (pruned) ones."""
+    return study.get_trials(deepcopy=False, states=FINISHED)
 
 
 @dataclass
 class TrialRunner:
-    """Runs one trial: reset, edit, score; records everything on the Optuna trial."""
+    """Runs one trial: reset, edit, score; records everything on the Optuna trial.
+
+    A trial whose edit is broken (non-finite) or whose KL exceeds `kl_cutoff` gets a positive
+    Optuna constraint and is pruned: the sampler learns the region is infeasible, the Pareto
+    front never shows it, and no made-up objective value is reported. Its refusals are not
+    counted (that is the expensive part, and the model is unusable anyway).
+    """
 
     method: object
-    adapter: object
     scorer: object
     model: object
+    kl_cutoff: float
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         timings = {}
         start = time.perf_counter()
-        self.adapter.reset()
+        self.method.reset()
         timings["reset"] = time.perf_counter() - start
         parameters = self.method.suggest(trial)
+        trial.set_user_attr("parameters", self.method.describe(parameters))
         mark = time.perf_counter()
-        self.method.apply(parameters)
+        try:
+            self.method.apply(parameters)
+        except BrokenEdit as error:
+            self._infeasible(trial, timings, start, str(error), float("inf"))
         timings["edit"] = time.perf_counter() - mark
         mark = time.perf_counter()
         kl = self.scorer.kl(self.model)
         timings["kl"] = time.perf_counter() - mark
+        trial.set_user_attr("kl", kl)
+        if not math.isfinite(kl) or kl > self.kl_cutoff:
+            self._infeasible(trial, timings, start, f"KL {kl:.4g} above the cutoff {self.kl_cutoff}", kl)
+        trial.set_constraint("kl_cutoff", kl - self.kl_cutoff)
         mark = time.perf_counter()
         refusals = self.scorer.count_refusals(self.model)
         timings["refusals"] = time.perf_counter() - mark
         timings["total"] = time.perf_counter() - start
         total = len(self.scorer.harmful_texts)
-        trial.set_user_attr("kl", kl)
         trial.set_user_attr("refusals", refusals)
         trial.set_user_attr("total", total)
-        trial.set_user_attr("parameters", self.method.describe(parameters))
         trial.set_user_attr("seconds", timings)
         return refusals / total, kl
+
+    @staticmethod
+    def _infeasible(trial: optuna.Trial, timings: dict, start: float, reason: str, excess: float) -> None:
+        timings["total"] = time.perf_counter() - start
+        trial.set_user_attr("seconds", timings)
+        trial.set_user_attr("infeasible", reason)
+        trial.set_constraint("kl_cutoff", excess if math.isfinite(excess) and excess > 0 else 1e9)
+        raise optuna.TrialPruned(reason)
 
 
 def run_trials(
     study: optuna.Study, runner: TrialRunner, n_trials: int, after_trial: Callable[[optuna.Study], None]
 ) -> bool:
-    """Run trials until the study has `n_trials` completed ones. Returns False if interrupted."""
-    remaining = n_trials - len(completed(study))
+    """Run trials until the study has `n_trials` finished ones (scored or infeasible).
+    Returns False if interrupted."""
+    remaining = n_trials - len(finished(study))
     if remaining <= 0:
         return True
-    done_before = len(completed(study))
+    done_before = len(finished(study))
     console.print(
         f"\n[bold]Running {remaining} trials[/] ({done_before} already done, resuming)"
         if done_before
@@ -132,17 +164,17 @@ def run_trials(
     with track("trials", remaining) as advance:
 
         def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-            if trial.state == TrialState.COMPLETE:
+            if trial.state in FINISHED:
                 _print_trial(trial)
                 after_trial(study)
                 advance(1)
 
         try:
-            while len(completed(study)) < n_trials:
+            while len(finished(study)) < n_trials:
                 study.optimize(runner, n_trials=1, callbacks=[callback], catch=())
         except KeyboardInterrupt:
             console.print(
-                f"\n[yellow]Interrupted.[/] {len(completed(study))} finished trials are kept in the run "
+                f"\n[yellow]Interrupted.[/] {len(finished(study))} finished trials are kept in the run "
                 "folder; run the same command again to resume."
             )
             return False
@@ -151,6 +183,9 @@ def run_trials(
 
 def _print_trial(trial: optuna.trial.FrozenTrial) -> None:
     attrs = trial.user_attrs
+    if trial.state == TrialState.PRUNED:
+        console.print(f"  Trial {trial.number:>3}: [yellow]infeasible[/] ({attrs.get('infeasible')})")
+        return
     console.print(
         f"  Trial {trial.number:>3}: refusals {attrs['refusals']:>3}/{attrs['total']} "
         f"({attrs['refusals'] / attrs['total']:6.1%}), KL {attrs['kl']:.4f}  "
@@ -163,11 +198,13 @@ def fingerprint_of(settings, model_name: str) -> dict:
     keys = [
         "method", "components", "orthogonalize_direction", "winsorization_quantile", "row_normalization",
         "full_normalization_rank", "system_prompt", "max_response_tokens", "refusal_markers",
-        "response_prefix", "quantization", "chat_template",
+        "response_prefix", "quantization", "chat_template", "kl_cutoff",
     ]
     data = {key: getattr(settings, key) for key in keys}
     data["model"] = model_name
     data["harmless"] = settings.harmless.model_dump()
     data["harmful"] = settings.harmful.model_dump()
     data["search"] = settings.search.model_dump()
+    if settings.method != "directional":
+        data["ara"] = settings.ara.model_dump()
     return json.loads(json.dumps(data, default=str))

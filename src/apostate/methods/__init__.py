@@ -1,24 +1,49 @@
 """Ablation methods, registered by name. Each one samples a trial's parameters and writes its
-edit into the (reset) LoRA adapter; the trial loop, scoring, study and export are shared."""
+edit into the model (through the LoRA adapter, or in place with an in-memory copy to reset
+from); the trial loop, scoring, study, Pareto selection and export are shared."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
+from torch import Tensor
+
+from ..architecture import ResidualWriter
+from .ara import AraMethod
+from .ara_lora import AraLoraMethod
+from .context import BrokenEdit, MethodContext
 from .directional import DirectionalMethod
 
 
 class Method(Protocol):
     name: str
+    needs_captures: bool  # fitted to captured module inputs and outputs (see captures.py)
+
+    @staticmethod
+    def adapter_rank(settings) -> int:
+        """Rank of the LoRA slots the method writes into."""
 
     def suggest(self, trial) -> object:
         """Sample (or, given a FixedTrial, rebuild) one trial's parameters."""
 
+    def reset(self) -> None:
+        """Give back the base model exactly."""
+
     def apply(self, parameters) -> None:
-        """Write the edit for `parameters` into the adapter, which the caller has reset."""
+        """Write the edit for `parameters` into the (reset) model; BrokenEdit if it is unusable."""
+
+    def deltas(self) -> Iterator[tuple[ResidualWriter, Tensor]]:
+        """The current edit per writer, float32, in the layout of the writer's parameter."""
 
     def describe(self, parameters) -> dict:
         """The parameters as plain data, for pareto.json and model cards."""
 
 
-METHODS = {"directional": DirectionalMethod}
+METHODS: dict[str, type] = {
+    "directional": DirectionalMethod,
+    "ara": AraMethod,
+    "ara-lora": AraLoraMethod,
+}
+
+__all__ = ["METHODS", "BrokenEdit", "Method", "MethodContext"]

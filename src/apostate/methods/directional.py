@@ -25,6 +25,7 @@ in the x·W convention of the write-ups), with norm n_j:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,9 +33,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..adapter import Adapter
+from ..architecture import ResidualWriter
 from ..directions import direction_at
 from ..kernel import WeightKernel
 from ..settings import SearchSpace
+from .context import MethodContext
 
 
 @dataclass(frozen=True)
@@ -101,13 +104,14 @@ class DirectionalMethod:
     """Directional ablation with a per-component weight kernel over layers."""
 
     name = "directional"
+    needs_captures = False
 
-    def __init__(self, adapter: Adapter, directions: Tensor, settings, n_layers: int, components: list[str]):
-        self.adapter = adapter
-        self.directions = directions
-        self.settings = settings
-        self.n_layers = n_layers
-        self.components = components
+    def __init__(self, context: MethodContext):
+        self.adapter = context.adapter
+        self.directions = context.directions
+        self.settings = context.settings
+        self.n_layers = context.n_layers
+        self.components = context.components
 
     @staticmethod
     def adapter_rank(settings) -> int:
@@ -116,9 +120,16 @@ class DirectionalMethod:
     def suggest(self, trial) -> DirectionalParameters:
         return suggest(trial, self.settings.search, self.n_layers, self.components)
 
+    def reset(self) -> None:
+        self.adapter.reset()
+
     def apply(self, parameters: DirectionalParameters) -> None:
         rank = self.adapter_rank(self.settings)
         apply(self.adapter, self.directions, parameters, self.settings.row_normalization, rank)
+
+    def deltas(self) -> Iterator[tuple[ResidualWriter, Tensor]]:
+        for slot in self.adapter.slots:
+            yield slot.writer, slot.delta()
 
     def describe(self, parameters: DirectionalParameters) -> dict:
         return parameters.as_dict()

