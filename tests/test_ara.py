@@ -196,3 +196,39 @@ def test_ara_lora_on_a_4bit_base(tmp_path):
     assert torch.isfinite(edited).all() and not torch.allclose(edited, base)
     method.reset()
     assert torch.equal(logprobs(adapter, tokenizer, texts), base)
+
+
+@pytest.mark.parametrize("method_name", ["ara", "ara-lora"])
+def test_headless_ara_run_exports_the_scored_model(method_name, tmp_path):
+    """Through the CLI: trials, then the merged export reproduces the KL the trial recorded."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from apostate.cli import main
+    from apostate.scoring import kl_divergence
+    from apostate.settings import parse_command_line
+    from apostate.startup import Texts, load_prompt_sets
+    from test_end_to_end import SMALL, load_study
+    from tiny import tiny_model_folder
+
+    folder = tiny_model_folder(tmp_path / "tiny")
+    run_dir, output = tmp_path / "run", tmp_path / "model"
+    flags = [*SMALL, "--method", method_name, "--ara.lbfgs-steps", "5", "--kl-cutoff", "100"]
+    code = main([str(folder), "--run-dir", str(run_dir), *flags, "--n-trials", "2", "--headless", "--trial", "1",
+                 "--actions", "save", "--output-dir", str(output)])
+    assert code == 0
+    assert json.loads((output / "apostate.json").read_text())["method"] == method_name
+    trial = next(t for t in load_study(run_dir).trials if t.number == 1)
+
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    exported = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    settings = parse_command_line([str(folder), *flags])
+    prefix = torch.load(run_dir / "startup.pt", weights_only=False)["startup"].response_prefix
+    texts = Texts(tokenizer, settings, load_prompt_sets(settings), prefix).of("harmless", "evaluation")
+    kl = kl_divergence(
+        last_position_logprobs(base, tokenizer, texts, 8, "cpu"), last_position_logprobs(exported, tokenizer, texts, 8, "cpu")
+    )
+    assert kl > 0
+    assert kl == pytest.approx(trial.user_attrs["kl"], rel=1e-3, abs=1e-6)

@@ -17,6 +17,7 @@ import torch
 
 from . import __version__
 from .adapter import ADAPTER, Adapter
+from .architecture import ResidualWriter
 from .progress import console, track
 from .sources import ModelSource
 
@@ -34,9 +35,10 @@ class TrialSummary:
 
 
 def save_merged(
-    source: ModelSource, adapter: Adapter, tokenizer, output_dir: Path, max_shard_size: str, summary: TrialSummary,
-    trust_remote_code: bool = False,
+    source: ModelSource, deltas: list[tuple[ResidualWriter, torch.Tensor]], tokenizer, output_dir: Path,
+    max_shard_size: str, summary: TrialSummary, trust_remote_code: bool = False,
 ) -> Path:
+    """Base weights plus `deltas` (each writer's edit, float32, in its parameter's layout)."""
     from transformers import AutoModelForCausalLM
 
     output_dir = _fresh_dir(output_dir)
@@ -44,11 +46,11 @@ def save_merged(
     base = AutoModelForCausalLM.from_pretrained(
         source.location, revision=source.revision, dtype="auto", device_map="cpu", trust_remote_code=trust_remote_code
     )
-    with torch.no_grad(), track("merging", len(adapter.slots)) as advance:
-        for slot in adapter.slots:
-            module = base.get_submodule(slot.writer.path)
-            parameter = getattr(module, slot.writer.parameter or "weight")
-            delta = slot.delta().to(parameter.device)
+    with torch.no_grad(), track("merging", len(deltas)) as advance:
+        for writer, delta in deltas:
+            module = base.get_submodule(writer.path)
+            parameter = getattr(module, writer.parameter or "weight")
+            delta = delta.to(parameter.device)
             parameter.copy_((parameter.float() + delta).to(parameter.dtype))
             advance(1)
     console.print(f"Saving the merged model to [bold]{output_dir}[/]...")
@@ -60,6 +62,13 @@ def save_merged(
 
 
 def save_adapter(source: ModelSource, adapter: Adapter, tokenizer, output_dir: Path, summary: TrialSummary) -> Path:
+    if summary.method == "ara":
+        from .errors import ApostateError
+
+        raise ApostateError(
+            "method 'ara' edits full weights (any rank), which a LoRA adapter cannot hold; "
+            "save the merged model, or use method 'ara-lora'"
+        )
     output_dir = _fresh_dir(output_dir)
     adapter.model.peft_config[ADAPTER].base_model_name_or_path = source.name
     adapter.model.save_pretrained(output_dir)

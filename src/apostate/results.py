@@ -101,8 +101,8 @@ def perform(session, trial, action: str) -> None:
         summary = _summary(session, trial)
         if action == "save":
             path = save_merged(
-                session.source, session.adapter, session.loaded.tokenizer, output, settings.max_shard_size, summary,
-                settings.trust_remote_code,
+                session.source, list(session.method.deltas()), session.loaded.tokenizer, output,
+                settings.max_shard_size, summary, settings.trust_remote_code,
             )
         else:
             path = save_adapter(session.source, session.adapter, session.loaded.tokenizer, output, summary)
@@ -133,7 +133,7 @@ def evaluate_heldout(session, trial) -> Scores:
         session.loaded.tokenizer, session.loaded.device, session.settings, session.startup.batch_size,
         session.texts, subset="heldout",
     )
-    session.adapter.reset()
+    session.method.reset()
     base = scorer.record_base(session.model)
     session.restore(trial)
     scores = scorer.score(session.model)
