@@ -48,7 +48,9 @@ def report(run_dir: Path) -> None:
             values = [s[phase] for s in seconds if phase in s]
             if values:
                 print(f"   {phase:>8}: median {statistics.median(values):6.2f} s")
-    print(f"   KL over all trials: {quantiles(kls)};  above 5: {sum(k > 5 for k in kls)}, above 1: {sum(k > 1 for k in kls)}")
+    print(
+        f"   KL over all trials: {quantiles(kls)};  above 5: {sum(k > 5 for k in kls)}, above 1: {sum(k > 1 for k in kls)}"
+    )
     front = sorted(study.best_trials, key=lambda t: t.user_attrs["kl"]) if scored else []
     print("   Pareto front (trial: refusals, KL):")
     for trial in front:
@@ -56,7 +58,9 @@ def report(run_dir: Path) -> None:
     best = [t for t in scored if t.user_attrs["kl"] <= 0.1]
     if best:
         top = min(best, key=lambda t: (t.user_attrs["refusals"], t.user_attrs["kl"]))
-        print(f"   best at KL <= 0.1: trial {top.number}, {top.user_attrs['refusals']}/{total}, KL {top.user_attrs['kl']:.4f}")
+        print(
+            f"   best at KL <= 0.1: trial {top.number}, {top.user_attrs['refusals']}/{total}, KL {top.user_attrs['kl']:.4f}"
+        )
 
 
 if __name__ == "__main__":

@@ -39,8 +39,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("model", type=Path, help="local model folder")
     p.add_argument("--harmless", type=Path, required=True, help=".txt, one prompt per line")
     p.add_argument("--harmful", type=Path, required=True, help=".txt, one prompt per line")
-    numbers = {"direction-count": 200, "evaluation-count": 50, "shuffle-seed": 0, "max-tokens": 32,
-               "batch-size": 16, "n-trials": 12, "n-startup-trials": 6, "seed": 1234}
+    numbers = {
+        "direction-count": 200,
+        "evaluation-count": 50,
+        "shuffle-seed": 0,
+        "max-tokens": 32,
+        "batch-size": 16,
+        "n-trials": 12,
+        "n-startup-trials": 6,
+        "seed": 1234,
+    }
     for name, default in numbers.items():
         p.add_argument(f"--{name}", type=int, default=default, help=f"default {default}")
     p.add_argument("--dtype", default="float32")
@@ -50,8 +58,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="default: a new temp folder")
     p.add_argument("--apostate", type=Path, default=REPO / ".venv/bin/apostate")
     p.add_argument("--heretic", type=Path, default=Path("/work/heretic-venv/bin/heretic"))
-    p.add_argument("--apostate-arg", action="append", default=[], help="extra apostate argument "
-                   "(use --apostate-arg=--kl-cutoff --apostate-arg=100)")
+    p.add_argument(
+        "--apostate-arg",
+        action="append",
+        default=[],
+        help="extra apostate argument (use --apostate-arg=--kl-cutoff --apostate-arg=100)",
+    )
     p.add_argument("--heretic-toml", action="append", default=[], help="extra config.toml line")
     p.add_argument("--grace", type=float, default=60.0, help="seconds after the last trial, then stop")
     p.add_argument("--max-kl", type=float, default=0.1, help="report fewest refusals at KL <= this")
@@ -65,9 +77,13 @@ def split_prompt_files(args: argparse.Namespace, out: Path) -> dict[str, Path]:
 
     files = {}
     for side, source in (("harmless", args.harmless), ("harmful", args.harmful)):
-        spec = PromptSetSpec(source=str(source), direction_count=args.direction_count,
-                             evaluation_count=args.evaluation_count, heldout_count=0,
-                             shuffle_seed=args.shuffle_seed)
+        spec = PromptSetSpec(
+            source=str(source),
+            direction_count=args.direction_count,
+            evaluation_count=args.evaluation_count,
+            heldout_count=0,
+            shuffle_seed=args.shuffle_seed,
+        )
         split = split_prompts(load_prompts(spec), spec)
         for role in ("direction", "evaluation"):
             prompts = getattr(split, role)
@@ -79,45 +95,77 @@ def split_prompt_files(args: argparse.Namespace, out: Path) -> dict[str, Path]:
 
 
 def apostate_command(args: argparse.Namespace, run_dir: Path) -> list[str]:
-    cmd = [str(args.apostate), str(args.model), "--run-dir", str(run_dir), "--headless",
-           "--dtypes", args.dtype, "--batch-size", str(args.batch_size),
-           "--max-response-tokens", str(args.max_tokens), "--n-trials", str(args.n_trials),
-           "--n-startup-trials", str(args.n_startup_trials), "--seed", str(args.seed),
-           "--system-prompt", args.system_prompt]
+    cmd = [
+        str(args.apostate),
+        str(args.model),
+        "--run-dir",
+        str(run_dir),
+        "--headless",
+        "--dtypes",
+        args.dtype,
+        "--batch-size",
+        str(args.batch_size),
+        "--max-response-tokens",
+        str(args.max_tokens),
+        "--n-trials",
+        str(args.n_trials),
+        "--n-startup-trials",
+        str(args.n_startup_trials),
+        "--seed",
+        str(args.seed),
+        "--system-prompt",
+        args.system_prompt,
+    ]
     for side, source in (("harmless", args.harmless), ("harmful", args.harmful)):
-        cmd += [f"--{side}.source", str(source),
-                f"--{side}.direction-count", str(args.direction_count),
-                f"--{side}.evaluation-count", str(args.evaluation_count),
-                f"--{side}.heldout-count", "0", f"--{side}.shuffle-seed", str(args.shuffle_seed)]
+        cmd += [
+            f"--{side}.source",
+            str(source),
+            f"--{side}.direction-count",
+            str(args.direction_count),
+            f"--{side}.evaluation-count",
+            str(args.evaluation_count),
+            f"--{side}.heldout-count",
+            "0",
+            f"--{side}.shuffle-seed",
+            str(args.shuffle_seed),
+        ]
     return cmd + args.apostate_arg
 
 
 def heretic_config(args: argparse.Namespace, files: dict[str, Path]) -> str:
     """config.toml for Heretic (JSON strings and string arrays are valid TOML)."""
+
     def q(value) -> str:
         return json.dumps(value, ensure_ascii=False)
 
-    lines = [f"model = {q(str(args.model))}", f"dtypes = {q([args.dtype])}",
-             f"batch_size = {args.batch_size}", f"max_response_length = {args.max_tokens}",
-             f"n_trials = {args.n_trials}", f"n_startup_trials = {args.n_startup_trials}",
-             f"seed = {args.seed}", f"system_prompt = {q(args.system_prompt)}"]
+    lines = [
+        f"model = {q(str(args.model))}",
+        f"dtypes = {q([args.dtype])}",
+        f"batch_size = {args.batch_size}",
+        f"max_response_length = {args.max_tokens}",
+        f"n_trials = {args.n_trials}",
+        f"n_startup_trials = {args.n_startup_trials}",
+        f"seed = {args.seed}",
+        f"system_prompt = {q(args.system_prompt)}",
+    ]
     if args.markers == "apostate":
         from apostate.settings import DEFAULT_REFUSAL_MARKERS
 
         lines.append(f"refusal_markers = {q(list(DEFAULT_REFUSAL_MARKERS))}")
     lines += args.heretic_toml
-    tables = {"good_prompts": ("harmless_direction", args.direction_count),
-              "bad_prompts": ("harmful_direction", args.direction_count),
-              "good_evaluation_prompts": ("harmless_evaluation", args.evaluation_count),
-              "bad_evaluation_prompts": ("harmful_evaluation", args.evaluation_count)}
+    tables = {
+        "good_prompts": ("harmless_direction", args.direction_count),
+        "bad_prompts": ("harmful_direction", args.direction_count),
+        "good_evaluation_prompts": ("harmless_evaluation", args.evaluation_count),
+        "bad_evaluation_prompts": ("harmful_evaluation", args.evaluation_count),
+    }
     for table, (key, count) in tables.items():
         lines += ["", f"[{table}]", f"dataset = {q(str(files[key]))}", f'split = "[:{count}]"']
     return "\n".join(lines) + "\n"
 
 
 def tool_env(kind: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("APOSTATE_", "HERETIC_")) and k != "VIRTUAL_ENV"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("APOSTATE_", "HERETIC_")) and k != "VIRTUAL_ENV"}
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     if kind == "heretic":
         env["KAGGLE_KERNEL_RUN_TYPE"] = "Batch"  # Heretic's prompts then use input()
@@ -150,8 +198,7 @@ def run_tool(cmd: list[str], cwd: Path, env: dict, find_journal, n_trials: int, 
 
     log = (cwd / "output.log").open("w", encoding="utf-8")
     started, t0 = datetime.now(), time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
     ps, peak, done_at, size, stopped = psutil.Process(proc.pid), 0, None, -1, False
     while proc.poll() is None:
         peak = max(peak, tree_rss(ps))
@@ -169,8 +216,14 @@ def run_tool(cmd: list[str], cwd: Path, env: dict, find_journal, n_trials: int, 
                 proc.kill()
         time.sleep(0.25)
     log.close()
-    return {"started": started, "wall": time.monotonic() - t0, "rc": proc.returncode,
-            "stopped": stopped, "peak_rss": peak, "journal": find_journal()}
+    return {
+        "started": started,
+        "wall": time.monotonic() - t0,
+        "rc": proc.returncode,
+        "stopped": stopped,
+        "peak_rss": peak,
+        "journal": find_journal(),
+    }
 
 
 def read_results(journal: Path | None, started: datetime, kl_key: str, total_key: str) -> dict:
@@ -187,8 +240,11 @@ def read_results(journal: Path | None, started: datetime, kl_key: str, total_key
     if not done:
         return {"trials": 0}
     first = min(t.datetime_start for t in done)
-    points = sorted((t.user_attrs["refusals"], t.user_attrs[kl_key]) for t in done
-                    if "refusals" in t.user_attrs and kl_key in t.user_attrs)
+    points = sorted(
+        (t.user_attrs["refusals"], t.user_attrs[kl_key])
+        for t in done
+        if "refusals" in t.user_attrs and kl_key in t.user_attrs
+    )
     front, best_kl = [], float("inf")
     for refusals, kl in points:
         if kl < best_kl:
@@ -196,11 +252,15 @@ def read_results(journal: Path | None, started: datetime, kl_key: str, total_key
             best_kl = kl
     attr = lambda key: next((t.user_attrs[key] for t in done if key in t.user_attrs), None)  # noqa: E731
     seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
-    return {"trials": len(done), "startup": (first - started).total_seconds(),
-            "median_trial": statistics.median(seconds),
-            "search": (max(t.datetime_complete for t in done) - first).total_seconds(),
-            "front": front, "total": attr(total_key),
-            "base_refusals": study.user_attrs.get("base_refusals", attr("base_refusals"))}
+    return {
+        "trials": len(done),
+        "startup": (first - started).total_seconds(),
+        "median_trial": statistics.median(seconds),
+        "search": (max(t.datetime_complete for t in done) - first).total_seconds(),
+        "front": front,
+        "total": attr(total_key),
+        "base_refusals": study.user_attrs.get("base_refusals", attr("base_refusals")),
+    }
 
 
 def best_within(result: dict, max_kl: float) -> str:
@@ -211,9 +271,15 @@ def best_within(result: dict, max_kl: float) -> str:
 def print_table(results: dict[str, dict], max_kl: float) -> None:
     names = list(results)
     ratios = len(names) == 2
-    rows = [("start-up s", "startup"), ("median trial s", "median_trial"), ("search s", "search"),
-            ("wall s", "wall"), ("peak RSS MiB", "peak_rss_mib"), ("trials", "trials"),
-            ("base refusals", "base_refusals")]
+    rows = [
+        ("start-up s", "startup"),
+        ("median trial s", "median_trial"),
+        ("search s", "search"),
+        ("wall s", "wall"),
+        ("peak RSS MiB", "peak_rss_mib"),
+        ("trials", "trials"),
+        ("base refusals", "base_refusals"),
+    ]
     print(f"{'':18}" + "".join(f"{n:>12}" for n in names) + ("  heretic/apostate" if ratios else ""))
     for label, key in rows:
         values = [results[n].get(key) for n in names]
@@ -239,10 +305,18 @@ def main(argv: list[str] | None = None) -> None:
     files = split_prompt_files(args, work)
     results: dict[str, dict] = {}
     checkpoints = work / "heretic" / "checkpoints"
-    jobs = {"apostate": (apostate_command(args, work / "apostate" / "run"), ("kl", "total"),
-                         lambda: work / "apostate" / "run" / "study.journal"),
-            "heretic": ([str(args.heretic)], ("kl_divergence", "n_bad_prompts"),
-                        lambda: next(iter(sorted(checkpoints.glob("*.jsonl"))), None))}
+    jobs = {
+        "apostate": (
+            apostate_command(args, work / "apostate" / "run"),
+            ("kl", "total"),
+            lambda: work / "apostate" / "run" / "study.journal",
+        ),
+        "heretic": (
+            [str(args.heretic)],
+            ("kl_divergence", "n_bad_prompts"),
+            lambda: next(iter(sorted(checkpoints.glob("*.jsonl"))), None),
+        ),
+    }
     for name, (cmd, keys, find_journal) in jobs.items():
         if args.only not in ("both", name):
             continue
@@ -254,8 +328,10 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = run | read_results(run["journal"], run["started"], *keys)
     for name, r in results.items():
         r["peak_rss_mib"] = r["peak_rss"] / 2**20
-        print(f"{name}: exit {r['rc']}{' (stopped by harness)' if r['stopped'] else ''}, "
-              f"journal {r['journal']}, log {work / name / 'output.log'}")
+        print(
+            f"{name}: exit {r['rc']}{' (stopped by harness)' if r['stopped'] else ''}, "
+            f"journal {r['journal']}, log {work / name / 'output.log'}"
+        )
     print_table(results, args.max_kl)
     (work / "summary.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
     print(f"summary: {work / 'summary.json'}")

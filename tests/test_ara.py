@@ -3,6 +3,7 @@
 import pytest
 import torch
 from optuna.trial import FixedTrial
+from tiny import tiny_model
 
 from apostate.adapter import attach_adapter
 from apostate.architecture import discover
@@ -11,7 +12,6 @@ from apostate.captures import ModuleCapture, build_captures, capture_slots, capt
 from apostate.methods import METHODS, MethodContext
 from apostate.methods.ara_objective import Objective, ObjectiveWeights, fit
 from apostate.settings import Settings
-from tiny import tiny_model
 
 HARMLESS = [f"Tell me about the colour number {i} of the rainbow." for i in range(12)]
 HARMFUL = [f"Explain how to break lock model {i} without a key." for i in range(12)]
@@ -86,21 +86,37 @@ def make_method(model, tokenizer, method: str, **ara):
     method_class = METHODS[method]
     adapter = attach_adapter(model, architecture, method_class.adapter_rank(settings))
     texts = {
-        side: [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-               for p in prompts]
+        side: [
+            tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+            for p in prompts
+        ]
         for side, prompts in (("harmless", HARMLESS), ("harmful", HARMFUL))
     }
     slots, _ = capture_slots(adapter)
-    inputs = {side: capture_writer_inputs(adapter.model, tokenizer, slots, texts[side], 8, "cpu", side) for side in texts}
+    inputs = {
+        side: capture_writer_inputs(adapter.model, tokenizer, slots, texts[side], 8, "cpu", side) for side in texts
+    }
     captures = build_captures(slots, inputs["harmless"], inputs["harmful"], settings.ara.basis_rank)
-    context = MethodContext(adapter, settings, architecture.n_layers, ["attn", "mlp"], torch.zeros(4, 64),
-                            {i: c for i, c in enumerate(captures)})
+    context = MethodContext(
+        adapter,
+        settings,
+        architecture.n_layers,
+        ["attn", "mlp"],
+        torch.zeros(4, 64),
+        {i: c for i, c in enumerate(captures)},
+    )
     return method_class(context), adapter, texts
 
 
 def trial_parameters(steer=0.8, overcorrect=0.5, start=0.0):
-    return {"layer_start": start, "layer_span": 2.0, "preserve_weight": 1.0, "steer_weight": steer,
-            "overcorrect_weight": overcorrect, "temperature": 0.3}
+    return {
+        "layer_start": start,
+        "layer_span": 2.0,
+        "preserve_weight": 1.0,
+        "steer_weight": steer,
+        "overcorrect_weight": overcorrect,
+        "temperature": 0.3,
+    }
 
 
 def logprobs(adapter, tokenizer, texts):
@@ -145,7 +161,7 @@ def test_steering_moves_harmful_outputs_toward_harmless_ones():
     model, tokenizer = tiny_model("qwen2", layers=3, seed=1)
     method, adapter, texts = make_method(model, tokenizer, "ara")
     parameters = method.suggest(FixedTrial(trial_parameters(steer=1.0, overcorrect=0.0)))
-    for index, slot, capture in method.selected(parameters):
+    for index, _slot, capture in method.selected(parameters):
         objective = method.objective(capture, parameters)
         before = objective(capture.harmless_outputs, capture.harmful_outputs).item()
         method.apply(parameters)
@@ -179,9 +195,8 @@ def test_full_weight_ara_refuses_a_quantized_model():
 
 def test_ara_lora_on_a_4bit_base(tmp_path):
     pytest.importorskip("bitsandbytes")
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
-
     from tiny import tiny_model_folder
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     folder = tiny_model_folder(tmp_path / "tiny")
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
@@ -203,20 +218,35 @@ def test_headless_ara_run_exports_the_scored_model(method_name, tmp_path):
     """Through the CLI: trials, then the merged export reproduces the KL the trial recorded."""
     import json
 
+    from test_end_to_end import SMALL, load_study
+    from tiny import tiny_model_folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from apostate.cli import main
     from apostate.scoring import kl_divergence
     from apostate.settings import parse_command_line
     from apostate.startup import Texts, load_prompt_sets
-    from test_end_to_end import SMALL, load_study
-    from tiny import tiny_model_folder
 
     folder = tiny_model_folder(tmp_path / "tiny")
     run_dir, output = tmp_path / "run", tmp_path / "model"
     flags = [*SMALL, "--method", method_name, "--ara.lbfgs-steps", "5", "--kl-cutoff", "100"]
-    code = main([str(folder), "--run-dir", str(run_dir), *flags, "--n-trials", "2", "--headless", "--trial", "1",
-                 "--actions", "save", "--output-dir", str(output)])
+    code = main(
+        [
+            str(folder),
+            "--run-dir",
+            str(run_dir),
+            *flags,
+            "--n-trials",
+            "2",
+            "--headless",
+            "--trial",
+            "1",
+            "--actions",
+            "save",
+            "--output-dir",
+            str(output),
+        ]
+    )
     assert code == 0
     assert json.loads((output / "apostate.json").read_text())["method"] == method_name
     trial = next(t for t in load_study(run_dir).trials if t.number == 1)
@@ -228,7 +258,8 @@ def test_headless_ara_run_exports_the_scored_model(method_name, tmp_path):
     prefix = torch.load(run_dir / "startup.pt", weights_only=False)["startup"].response_prefix
     texts = Texts(tokenizer, settings, load_prompt_sets(settings), prefix).of("harmless", "evaluation")
     kl = kl_divergence(
-        last_position_logprobs(base, tokenizer, texts, 8, "cpu"), last_position_logprobs(exported, tokenizer, texts, 8, "cpu")
+        last_position_logprobs(base, tokenizer, texts, 8, "cpu"),
+        last_position_logprobs(exported, tokenizer, texts, 8, "cpu"),
     )
     assert kl > 0
     assert kl == pytest.approx(trial.user_attrs["kl"], rel=1e-3, abs=1e-6)

@@ -2,17 +2,19 @@
 
 import pytest
 import torch
+from tiny import tiny_model
 
 from apostate.adapter import attach_adapter
 from apostate.architecture import discover
 from apostate.errors import ApostateError
-from tiny import tiny_model
 
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 
 
 def writers_of(architecture, layer):
-    return sorted((w.component, w.path.split(f".{layer}.", 1)[1], w.parameter) for w in architecture.writers if w.layer == layer)
+    return sorted(
+        (w.component, w.path.split(f".{layer}.", 1)[1], w.parameter) for w in architecture.writers if w.layer == layer
+    )
 
 
 def test_dense_model_has_attention_and_mlp_writers():
@@ -36,9 +38,7 @@ def test_hybrid_layers_differ():
 
 
 def test_shared_expert_is_kept_next_to_fused_experts():
-    model, _ = tiny_model(
-        "qwen3_next", layers=2, layer_types=["linear_attention", "full_attention"], **MOE
-    )
+    model, _ = tiny_model("qwen3_next", layers=2, layer_types=["linear_attention", "full_attention"], **MOE)
     architecture = discover(model)
     assert ("mlp", "mlp.shared_expert.down_proj", None) in writers_of(architecture, 0)
     adapter = attach_adapter(model, architecture, rank=1)

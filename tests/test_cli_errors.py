@@ -4,9 +4,9 @@ import subprocess
 import sys
 
 import pytest
+from tiny import tiny_model_folder
 
 from apostate.cli import main
-from tiny import tiny_model_folder
 
 
 def single_error_line(capsys, code) -> str:
@@ -84,7 +84,9 @@ def test_demo_without_its_packages(tmp_path, capsys, monkeypatch):
 def test_real_process_prints_no_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "apostate", str(tmp_path / "nothing-here"), "--run-dir", str(tmp_path / "run")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

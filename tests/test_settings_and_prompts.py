@@ -40,7 +40,12 @@ def test_unknown_keys_are_rejected(tmp_path):
 
 @pytest.mark.parametrize(
     "flags",
-    [["--n-trials", "0"], ["--row-normalization", "half"], ["--search.max-weight", "[2, 1]"], ["--winsorization-quantile", "1.5"]],
+    [
+        ["--n-trials", "0"],
+        ["--row-normalization", "half"],
+        ["--search.max-weight", "[2, 1]"],
+        ["--winsorization-quantile", "1.5"],
+    ],
 )
 def test_invalid_values_are_rejected(flags):
     with pytest.raises(ValidationError):
@@ -87,7 +92,11 @@ def test_local_prompt_formats(tmp_path):
 
 @pytest.mark.parametrize(
     "content,suffix,message",
-    [("\n\n", ".txt", "holds no prompts"), ('{"x": 1}\n', ".jsonl", "none of the columns"), ("{oops\n", ".jsonl", "not valid JSON")],
+    [
+        ("\n\n", ".txt", "holds no prompts"),
+        ('{"x": 1}\n', ".jsonl", "none of the columns"),
+        ("{oops\n", ".jsonl", "not valid JSON"),
+    ],
 )
 def test_bad_prompt_files_are_clear_errors(tmp_path, content, suffix, message):
     path = tmp_path / f"bad{suffix}"

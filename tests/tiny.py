@@ -24,7 +24,10 @@ def tiny_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<|pad|>", eos_token="<|im_end|>", bos_token=None,
+        tokenizer_object=backend,
+        pad_token="<|pad|>",
+        eos_token="<|im_end|>",
+        bos_token=None,
         additional_special_tokens=["<|im_start|>"],
     )
     tokenizer.chat_template = chat_template
@@ -55,7 +58,9 @@ def tiny_model(architecture: str = "qwen2", layers: int = 4, seed: int = 0, **ex
     return model, tokenizer
 
 
-def tiny_model_folder(path: Path, architecture: str = "qwen2", chat_template: str | None = CHAT_TEMPLATE, **extra) -> Path:
+def tiny_model_folder(
+    path: Path, architecture: str = "qwen2", chat_template: str | None = CHAT_TEMPLATE, **extra
+) -> Path:
     model, tokenizer = tiny_model(architecture, **extra)
     tokenizer.chat_template = chat_template
     model.generation_config.pad_token_id = tokenizer.pad_token_id

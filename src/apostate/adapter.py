@@ -145,7 +145,9 @@ def _wrap_missed(peft_model: nn.Module, inner: nn.Module, paths: list[str]) -> N
             continue
         parent_path, _, name = path.rpartition(".")
         parent = inner.get_submodule(parent_path)
-        peft_model.base_model._create_and_replace(config, ADAPTER, getattr(parent, name), name, parent, current_key=path)
+        peft_model.base_model._create_and_replace(
+            config, ADAPTER, getattr(parent, name), name, parent, current_key=path
+        )
         config.target_modules = set(config.target_modules or ()) | {path}
         if not isinstance(inner.get_submodule(path), LoraLayer):
             raise RuntimeError(f"PEFT could not wrap {path}")

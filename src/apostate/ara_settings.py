@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-class AraSettings(BaseModel):
+class RangeModel(BaseModel):
+    """Settings holding (low, high) ranges: unknown keys are errors, every range must be ordered."""
+
+    model_config = ConfigDict(extra="forbid")
+    range_prefix: ClassVar[str] = ""
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self):
+        for name, value in self:
+            if isinstance(value, tuple) and len(value) == 2 and value[0] > value[1]:
+                raise ValueError(f"{self.range_prefix}{name}: lower bound {value[0]} is above upper bound {value[1]}")
+        return self
+
+
+class AraSettings(RangeModel):
     """How ARA fits each module, and the ranges its trial parameters are sampled from.
 
     Layer positions are fractions of the last layer index.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    range_prefix: ClassVar[str] = "ara."
 
     objective: Literal["smooth", "knn"] = Field(
         default="smooth",
@@ -52,12 +66,3 @@ class AraSettings(BaseModel):
         description="Range of the softmin temperature ('smooth'; small = nearest neighbours, large = all).",
     )
     neighbours: tuple[int, int] = Field(default=(1, 16), description="Range of the neighbour count ('knn').")
-
-    @model_validator(mode="after")
-    def _ranges_ordered(self) -> AraSettings:
-        for name in ("layer_start", "layer_span", "preserve_weight", "steer_weight", "overcorrect_weight",
-                     "temperature", "neighbours"):
-            low, high = getattr(self, name)
-            if low > high:
-                raise ValueError(f"ara.{name}: lower bound {low} is above upper bound {high}")
-        return self

@@ -16,16 +16,75 @@ from torch import nn
 
 from .errors import ApostateError
 
-WRITER_NAMES = {"o_proj", "out_proj", "dense", "wo", "down_proj", "fc2", "w2", "dense_4h_to_h", "output_linear", "c_proj"}
+WRITER_NAMES = {
+    "o_proj",
+    "out_proj",
+    "dense",
+    "wo",
+    "down_proj",
+    "fc2",
+    "w2",
+    "dense_4h_to_h",
+    "output_linear",
+    "c_proj",
+}
 # Modules that read the residual stream or live inside a block: never writers.
 READER_NAMES = {
-    "q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "query", "key", "value",
-    "gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1", "c_fc", "dense_h_to_4h", "input_linear",
-    "in_proj", "in_proj_qkvz", "in_proj_ba", "x_proj", "dt_proj", "router", "gate", "shared_expert_gate",
-    "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "lm_head",
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "qkv_proj",
+    "query_key_value",
+    "c_attn",
+    "query",
+    "key",
+    "value",
+    "gate_proj",
+    "up_proj",
+    "gate_up_proj",
+    "w1",
+    "w3",
+    "fc1",
+    "c_fc",
+    "dense_h_to_4h",
+    "input_linear",
+    "in_proj",
+    "in_proj_qkvz",
+    "in_proj_ba",
+    "x_proj",
+    "dt_proj",
+    "router",
+    "gate",
+    "shared_expert_gate",
+    "q_a_proj",
+    "q_b_proj",
+    "kv_a_proj_with_mqa",
+    "kv_b_proj",
+    "lm_head",
 }
-ATTENTION_PARENTS = {"self_attn", "attn", "attention", "self_attention", "linear_attn", "conv", "mamba", "mixer", "token_mixer"}
-MLP_PARENTS = {"mlp", "feed_forward", "ffn", "block_sparse_moe", "moe", "experts", "shared_expert", "shared_experts", "shared_mlp", "channel_mixer"}
+ATTENTION_PARENTS = {
+    "self_attn",
+    "attn",
+    "attention",
+    "self_attention",
+    "linear_attn",
+    "conv",
+    "mamba",
+    "mixer",
+    "token_mixer",
+}
+MLP_PARENTS = {
+    "mlp",
+    "feed_forward",
+    "ffn",
+    "block_sparse_moe",
+    "moe",
+    "experts",
+    "shared_expert",
+    "shared_experts",
+    "shared_mlp",
+    "channel_mixer",
+}
 MLP_LEAVES = {"down_proj", "fc2", "w2", "dense_4h_to_h", "output_linear"}
 LAYER_LIST_NAMES = {"layers", "h", "blocks", "layer"}
 
@@ -84,9 +143,7 @@ def _decoder_layers(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList
     candidates = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList)
-        and len(module) == n_layers
-        and name.rsplit(".", 1)[-1] in LAYER_LIST_NAMES
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers and name.rsplit(".", 1)[-1] in LAYER_LIST_NAMES
     ]
     if not candidates:
         raise ApostateError(f"cannot find the {n_layers} decoder layers of {type(model).__name__}")

@@ -17,9 +17,9 @@ def batches(tokenizer, texts: list[str], batch_size: int, device) -> Iterator[tu
     order = sorted(range(len(texts)), key=lambda i: lengths[i])
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        inputs = tokenizer(
-            [texts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(device)
+        inputs = tokenizer([texts[i] for i in indices], return_tensors="pt", padding=True, add_special_tokens=False).to(
+            device
+        )
         yield indices, inputs
 
 

@@ -69,7 +69,7 @@ def build_captures(
     slots: list[AdapterSlot], harmless_inputs: list[Tensor], harmful_inputs: list[Tensor], basis_rank: int
 ) -> list[ModuleCapture]:
     captures = []
-    for slot, harmless, harmful in zip(slots, harmless_inputs, harmful_inputs):
+    for slot, harmless, harmful in zip(slots, harmless_inputs, harmful_inputs, strict=True):
         weight = slot.base_weight()[0]  # (out, in), dequantized
         basis = input_basis(torch.cat([harmless, harmful]), basis_rank)
         captures.append(

@@ -25,8 +25,14 @@ def chat(model, tokenizer, system_prompt: str | None, device, max_new_tokens: in
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
         with torch.inference_mode():
             output = model.generate(
-                **inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
-                temperature=None, top_p=None, top_k=None, pad_token_id=tokenizer.pad_token_id,
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                streamer=streamer,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=tokenizer.pad_token_id,
             )
         reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         messages.append({"role": "assistant", "content": reply})

@@ -35,14 +35,19 @@ class TrialSummary:
 
 
 def save_merged(
-    source: ModelSource, deltas: list[tuple[ResidualWriter, torch.Tensor]], tokenizer, output_dir: Path,
-    max_shard_size: str, summary: TrialSummary, trust_remote_code: bool = False,
+    source: ModelSource,
+    deltas: list[tuple[ResidualWriter, torch.Tensor]],
+    tokenizer,
+    output_dir: Path,
+    max_shard_size: str,
+    summary: TrialSummary,
+    trust_remote_code: bool = False,
 ) -> Path:
     """Base weights plus `deltas` (each writer's edit, float32, in its parameter's layout)."""
     from transformers import AutoModelForCausalLM
 
     output_dir = _fresh_dir(output_dir)
-    console.print(f"Loading the base model at full precision on the CPU to merge into...")
+    console.print("Loading the base model at full precision on the CPU to merge into...")
     base = AutoModelForCausalLM.from_pretrained(
         source.location, revision=source.revision, dtype="auto", device_map="cpu", trust_remote_code=trust_remote_code
     )

@@ -54,7 +54,7 @@ def generate(
             pad_token_id=tokenizer.pad_token_id,
         )
         decoded = tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
-        for index, text in zip(indices, decoded):
+        for index, text in zip(indices, decoded, strict=True):
             responses[index] = text
         if advance:
             advance(len(indices))

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from .errors import ApostateError
 from .progress import console
 from .settings import Settings
 from .sources import ModelSource
-
 
 
 @dataclass

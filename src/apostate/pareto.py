@@ -61,23 +61,38 @@ def write_pareto(study: optuna.Study, run_dir: Path, base: BaseScores, model_nam
 
 
 def print_front(study: optuna.Study, base: BaseScores) -> None:
-    table = Table(title=f"Pareto front ({len(completed(study))} trials; base model refuses {base.refusals}/{base.total})")
+    table = Table(
+        title=f"Pareto front ({len(completed(study))} trials; base model refuses {base.refusals}/{base.total})"
+    )
     table.add_column("Trial", justify="right")
     table.add_column("Refusals", justify="right")
     table.add_column("Rate", justify="right")
     table.add_column("KL divergence", justify="right")
-    table.add_column("Direction")
+    table.add_column("Parameters")
     for trial in pareto_trials(study):
         attrs = trial.user_attrs
-        direction = attrs["parameters"].get("direction_index", "")
         table.add_row(
             str(trial.number),
             f"{attrs['refusals']}/{attrs['total']}",
             f"{attrs['refusals'] / attrs['total']:.1%}",
             f"{attrs['kl']:.4f}",
-            f"{direction:.2f}" if isinstance(direction, float) else str(direction),
+            parameter_summary(attrs["parameters"]),
         )
     console.print(table)
+
+
+def parameter_summary(parameters: dict) -> str:
+    """A few words on a trial's parameters, whatever its method."""
+    if "direction_index" in parameters:
+        index = parameters["direction_index"]
+        return f"direction {index:.2f}" if isinstance(index, float) else "per-layer directions"
+    if "layers" in parameters:
+        first, last = parameters["layers"]
+        return (
+            f"layers {first}-{last}, steer {parameters['steer_weight']:.2f}, "
+            f"overcorrect {parameters['overcorrect_weight']:.2f}"
+        )
+    return ""
 
 
 def plot_front(study: optuna.Study, base: BaseScores, path: Path) -> Path:
@@ -93,13 +108,17 @@ def plot_front(study: optuna.Study, base: BaseScores, path: Path) -> Path:
     axes.scatter(
         [max(t.user_attrs["kl"], 1e-6) for t in trials],
         [t.values[0] for t in trials],
-        s=14, alpha=0.5, label="trials",
+        s=14,
+        alpha=0.5,
+        label="trials",
     )
     ordered = sorted(front, key=lambda t: t.user_attrs["kl"])
     axes.plot(
         [max(t.user_attrs["kl"], 1e-6) for t in ordered],
         [t.values[0] for t in ordered],
-        "o-", color="crimson", label="Pareto front",
+        "o-",
+        color="crimson",
+        label="Pareto front",
     )
     axes.axhline(base.refusal_rate, linestyle="--", color="gray", label="base model")
     axes.set_xscale("log")

@@ -95,7 +95,11 @@ def start_session(settings: Settings, source: ModelSource, run_dir: Path) -> Ses
     _report_architecture(architecture, settings.components)
     method_class = METHODS[settings.method]
     adapter = attach_adapter(loaded.model, architecture, method_class.adapter_rank(settings))
-    key = {"fingerprint": fingerprint_of(settings, source.name), "dtype": str(loaded.dtype), "batch_size": settings.batch_size}
+    key = {
+        "fingerprint": fingerprint_of(settings, source.name),
+        "dtype": str(loaded.dtype),
+        "batch_size": settings.batch_size,
+    }
     startup = prepare(adapter.model, tokenizer, loaded.device, settings, prompts, run_dir, key)
     texts = Texts(tokenizer, settings, prompts, startup.response_prefix)
     scorer = evaluation_scorer(tokenizer, loaded.device, settings, startup.batch_size, texts)
@@ -125,7 +129,7 @@ def capture_for_fitting(adapter: Adapter, tokenizer, device, settings: Settings,
     }
     captures = build_captures(slots, inputs["harmless"], inputs["harmful"], settings.ara.basis_rank)
     index_of = {id(slot): index for index, slot in enumerate(adapter.slots)}
-    return {index_of[id(slot)]: capture for slot, capture in zip(slots, captures)}
+    return {index_of[id(slot)]: capture for slot, capture in zip(slots, captures, strict=True)}
 
 
 def _report_architecture(architecture: Architecture, wanted: list[str]) -> None:

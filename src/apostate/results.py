@@ -101,8 +101,13 @@ def perform(session, trial, action: str) -> None:
         summary = _summary(session, trial)
         if action == "save":
             path = save_merged(
-                session.source, list(session.method.deltas()), session.loaded.tokenizer, output,
-                settings.max_shard_size, summary, settings.trust_remote_code,
+                session.source,
+                list(session.method.deltas()),
+                session.loaded.tokenizer,
+                output,
+                settings.max_shard_size,
+                summary,
+                settings.trust_remote_code,
             )
         else:
             path = save_adapter(session.source, session.adapter, session.loaded.tokenizer, output, summary)
@@ -130,8 +135,12 @@ def evaluate_heldout(session, trial) -> Scores:
     if not session.scorer.harmful_texts or not session.texts.of("harmful", "heldout"):
         raise ApostateError("there are no held-out prompts (heldout_count is 0)")
     scorer = evaluation_scorer(
-        session.loaded.tokenizer, session.loaded.device, session.settings, session.startup.batch_size,
-        session.texts, subset="heldout",
+        session.loaded.tokenizer,
+        session.loaded.device,
+        session.settings,
+        session.startup.batch_size,
+        session.texts,
+        subset="heldout",
     )
     session.method.reset()
     base = scorer.record_base(session.model)
@@ -140,8 +149,7 @@ def evaluate_heldout(session, trial) -> Scores:
     _print_comparison("held-out", base, scores)
     session.study.set_user_attr(
         f"heldout_{trial.number}",
-        {"refusals": scores.refusals, "total": scores.total, "kl": scores.kl,
-         "base_refusals": base.refusals},
+        {"refusals": scores.refusals, "total": scores.total, "kl": scores.kl, "base_refusals": base.refusals},
     )
     return scores
 

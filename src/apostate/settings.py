@@ -11,7 +11,7 @@ import argparse
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (
@@ -23,7 +23,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from .ara_settings import AraSettings
+from .ara_settings import AraSettings, RangeModel
 
 DEFAULT_REFUSAL_MARKERS = [
     "sorry",
@@ -106,12 +106,8 @@ class PromptSetSpec(BaseModel):
     )
     prefix: str = Field(default="", description="Text put before every prompt of this set.")
     suffix: str = Field(default="", description="Text put after every prompt of this set.")
-    direction_count: int = Field(
-        default=320, ge=1, description="Prompts used to compute refusal directions."
-    )
-    evaluation_count: int = Field(
-        default=100, ge=1, description="Prompts used to score trials during the search."
-    )
+    direction_count: int = Field(default=320, ge=1, description="Prompts used to compute refusal directions.")
+    evaluation_count: int = Field(default=100, ge=1, description="Prompts used to score trials during the search.")
     heldout_count: int = Field(
         default=100, ge=0, description="Prompts never seen by the search, used for the final report."
     )
@@ -121,18 +117,20 @@ class PromptSetSpec(BaseModel):
     )
 
 
-class SearchSpace(BaseModel):
+class SearchSpace(RangeModel):
     """Ranges the optimizer samples directional-ablation parameters from.
 
     Layer positions are fractions of the last layer index, so one config fits any depth.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    range_prefix: ClassVar[str] = "search."
 
     direction_index: tuple[float, float] = Field(
         default=(0.4, 0.9), description="Range of the refusal-direction index, as fractions of the last layer index."
     )
-    max_weight: tuple[float, float] = Field(default=(0.8, 1.5), description="Range of a component's peak ablation weight.")
+    max_weight: tuple[float, float] = Field(
+        default=(0.8, 1.5), description="Range of a component's peak ablation weight."
+    )
     max_weight_position: tuple[float, float] = Field(
         default=(0.5, 1.0), description="Range of the layer with the peak weight, as fractions of the last layer index."
     )
@@ -145,14 +143,6 @@ class SearchSpace(BaseModel):
     per_layer_directions: bool = Field(
         default=True, description="Let the optimizer choose per-layer directions instead of one global direction."
     )
-
-    @model_validator(mode="after")
-    def _ranges_ordered(self) -> SearchSpace:
-        for name in ("direction_index", "max_weight", "max_weight_position", "min_weight", "min_weight_distance"):
-            low, high = getattr(self, name)
-            if low > high:
-                raise ValueError(f"search.{name}: lower bound {low} is above upper bound {high}")
-        return self
 
 
 # The TOML file of the settings being built; set by parse_command_line before validation,
@@ -193,7 +183,9 @@ class Settings(BaseSettings):
     config: Path | None = Field(
         default=None, description="TOML file with settings (default: ./apostate.toml if it exists).", exclude=True
     )
-    model_revision: str | None = Field(default=None, description="Hugging Face revision (commit hash, branch or tag) of the model.")
+    model_revision: str | None = Field(
+        default=None, description="Hugging Face revision (commit hash, branch or tag) of the model."
+    )
 
     # --- Where things go -------------------------------------------------------------
     run_dir: Path | None = Field(
@@ -213,11 +205,15 @@ class Settings(BaseSettings):
     quantization: Literal["none", "bnb_4bit"] = Field(
         default="none", description="'bnb_4bit' loads the model with bitsandbytes 4-bit NF4 quantization."
     )
-    device_map: str | dict[str, int | str] = Field(default="auto", description="Passed to from_pretrained (accelerate).")
+    device_map: str | dict[str, int | str] = Field(
+        default="auto", description="Passed to from_pretrained (accelerate)."
+    )
     max_memory: dict[str, str] | None = Field(
         default=None, description="Memory limit per device for accelerate, e.g. {0 = '20GiB', cpu = '64GiB'}."
     )
-    trust_remote_code: bool = Field(default=False, description="Allow model code from the hub. Only for models you trust.")
+    trust_remote_code: bool = Field(
+        default=False, description="Allow model code from the hub. Only for models you trust."
+    )
     chat_template: str | None = Field(
         default=None, description="Jinja chat template (text or path to a file), for models that have none."
     )
@@ -294,9 +290,7 @@ class Settings(BaseSettings):
         description="A trial whose KL divergence exceeds this is marked infeasible (Optuna constraint, pruned) "
         "and its refusals are not counted.",
     )
-    show_results: bool = Field(
-        default=False, description="Run no new trials; show what the run folder already holds."
-    )
+    show_results: bool = Field(default=False, description="Run no new trials; show what the run folder already holds.")
 
     # --- After the search --------------------------------------------------------------
     headless: bool = Field(default=False, description="Never ask; use --trial/--pick-max-kl and --actions.")

@@ -61,11 +61,7 @@ def resolve_source(model: str, revision: str | None, cache_dir: Path) -> ModelSo
 
 def _looks_like_path(model: str) -> bool:
     """Hub ids are 'name' or 'org/name'; anything else that is not on disk is a mistyped path."""
-    return (
-        model.startswith((".", "/", "~"))
-        or model.count("/") > 1
-        or os.sep != "/" and os.sep in model
-    )
+    return model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
 
 
 def converted_gguf(gguf_path: Path, cache_dir: Path) -> Path:

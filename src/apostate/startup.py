@@ -82,7 +82,11 @@ def _measure(model, tokenizer, device, settings: Settings, prompts: PromptSets) 
     if batch_size == 0:
         console.print("Finding a batch size...")
         batch_size = find_batch_size(
-            model, tokenizer, plain.of("harmful", "evaluation"), settings.max_batch_size, device,
+            model,
+            tokenizer,
+            plain.of("harmful", "evaluation"),
+            settings.max_batch_size,
+            device,
             settings.max_response_tokens,
         )
     console.print(f"* Batch size: [bold]{batch_size}[/]")
@@ -101,8 +105,13 @@ def _measure(model, tokenizer, device, settings: Settings, prompts: PromptSets) 
     console.print("Computing refusal directions...")
     means = {
         side: residual_means(
-            model, tokenizer, texts.of(side, "direction"), batch_size, device,
-            settings.winsorization_quantile, f"residuals ({side})",
+            model,
+            tokenizer,
+            texts.of(side, "direction"),
+            batch_size,
+            device,
+            settings.winsorization_quantile,
+            f"residuals ({side})",
         )
         for side in ("harmless", "harmful")
     }
@@ -118,6 +127,10 @@ def _measure(model, tokenizer, device, settings: Settings, prompts: PromptSets) 
     return Startup(batch_size, prefix, directions, scorer.base_logprobs, base.refusals, seconds)
 
 
-def evaluation_scorer(tokenizer, device, settings: Settings, batch_size: int, texts: Texts, subset: str = "evaluation") -> Scorer:
-    setup = ScoringSetup(tokenizer, device, batch_size, settings.max_response_tokens, RefusalDetector(settings.refusal_markers))
+def evaluation_scorer(
+    tokenizer, device, settings: Settings, batch_size: int, texts: Texts, subset: str = "evaluation"
+) -> Scorer:
+    setup = ScoringSetup(
+        tokenizer, device, batch_size, settings.max_response_tokens, RefusalDetector(settings.refusal_markers)
+    )
     return Scorer(setup, texts.of("harmless", subset), texts.of("harmful", subset), subset)

@@ -196,9 +196,19 @@ def _print_trial(trial: optuna.trial.FrozenTrial) -> None:
 def fingerprint_of(settings, model_name: str) -> dict:
     """The settings that define what a study measures; a resumed study must match them."""
     keys = [
-        "method", "components", "orthogonalize_direction", "winsorization_quantile", "row_normalization",
-        "full_normalization_rank", "system_prompt", "max_response_tokens", "refusal_markers",
-        "response_prefix", "quantization", "chat_template", "kl_cutoff",
+        "method",
+        "components",
+        "orthogonalize_direction",
+        "winsorization_quantile",
+        "row_normalization",
+        "full_normalization_rank",
+        "system_prompt",
+        "max_response_tokens",
+        "refusal_markers",
+        "response_prefix",
+        "quantization",
+        "chat_template",
+        "kl_cutoff",
     ]
     data = {key: getattr(settings, key) for key in keys}
     data["model"] = model_name

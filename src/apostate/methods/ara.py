@@ -48,8 +48,12 @@ class AraMethod(AraMethodBase):
     def apply(self, parameters: AraParameters) -> None:
         for index, slot, capture in self.selected(parameters):
             coefficients = torch.zeros(capture.harmful_outputs.shape[1], capture.basis.shape[0])
-            fit(self.objective(capture, parameters), [coefficients], lambda coords: coords @ coefficients.T,
-                self.settings.ara.lbfgs_steps)
+            fit(
+                self.objective(capture, parameters),
+                [coefficients],
+                lambda coords, c=coefficients: coords @ c.T,
+                self.settings.ara.lbfgs_steps,
+            )
             weight = self._weight(index)
             factor = self.cap(coefficients.norm(), slot.base_weight().norm())
             delta = factor * coefficients @ capture.basis

@@ -38,8 +38,12 @@ class AraLoraMethod(AraMethodBase):
             generator = torch.Generator().manual_seed(index)
             a = torch.randn(rank, k, generator=generator) / k**0.5
             b = torch.zeros(capture.harmful_outputs.shape[1], rank)
-            fit(self.objective(capture, parameters), [a, b], lambda coords: coords @ a.T @ b.T,
-                self.settings.ara.lbfgs_steps)
+            fit(
+                self.objective(capture, parameters),
+                [a, b],
+                lambda coords, a=a, b=b: coords @ a.T @ b.T,
+                self.settings.ara.lbfgs_steps,
+            )
             factor = self.cap((b @ a).norm(), slot.base_weight().norm())
             slot.write((a @ capture.basis).unsqueeze(0), (factor * b).unsqueeze(0))
 
