@@ -12,6 +12,7 @@ from .adapter import Adapter, attach_adapter
 from .architecture import Architecture, discover
 from .loading import LoadedModel, load_model, load_tokenizer
 from .methods import METHODS, MethodContext
+from .monitor import PhaseMonitor, median_trial_phases
 from .pareto import BaseScores, plot_front, print_front, write_pareto
 from .progress import console
 from .scoring import Scorer
@@ -65,49 +66,57 @@ def run(settings: Settings) -> int:
             from .results import evaluate_other_model
 
             return evaluate_other_model(settings, source)
-        session = start_session(settings, source, run_dir)
+        monitor = PhaseMonitor()
+        session = start_session(settings, source, run_dir, monitor)
         finished = True
         if not settings.show_results:
             runner = TrialRunner(session.method, session.scorer, session.model, settings.kl_cutoff)
-            finished = run_trials(session.study, runner, settings.n_trials, lambda study: _save_front(session))
+            with monitor.phase("trials"):
+                finished = run_trials(session.study, runner, settings.n_trials, lambda study: _save_front(session))
         if not completed(session.study):
             console.print("No finished trials yet.")
             return 0 if finished else 130
         show_results(session)
-        if not finished:
-            return 130
-        from .results import act
+        if finished:
+            from .results import act
 
-        act(session)
-        return 0
+            with monitor.phase("chosen trial: " + ", ".join(settings.actions or ["interactive"])):
+                act(session)
+        _report_phases(session, monitor)
+        return 0 if finished else 130
     finally:
         lock.close()
 
 
-def start_session(settings: Settings, source: ModelSource, run_dir: Path) -> Session:
+def start_session(settings: Settings, source: ModelSource, run_dir: Path, monitor: PhaseMonitor) -> Session:
     console.print(f"Run folder: [bold]{run_dir}[/]")
     study = open_study(run_dir, fingerprint_of(settings, source.name), settings.seed, settings.n_startup_trials)
     prompts: PromptSets = load_prompt_sets(settings)
     console.print(f"Loading model [bold]{source.name}[/]...")
-    tokenizer = load_tokenizer(source, settings)
-    loaded = load_model(source, settings, tokenizer)
-    architecture = discover(loaded.model)
-    _report_architecture(architecture, settings.components)
     method_class = METHODS[settings.method]
-    adapter = attach_adapter(loaded.model, architecture, method_class.adapter_rank(settings))
+    with monitor.phase("load model"):
+        tokenizer = load_tokenizer(source, settings)
+        loaded = load_model(source, settings, tokenizer)
+        architecture = discover(loaded.model)
+        _report_architecture(architecture, settings.components)
+        adapter = attach_adapter(loaded.model, architecture, method_class.adapter_rank(settings))
     key = {
         "fingerprint": fingerprint_of(settings, source.name),
         "dtype": str(loaded.dtype),
         "batch_size": settings.batch_size,
     }
-    startup = prepare(adapter.model, tokenizer, loaded.device, settings, prompts, run_dir, key)
+    with monitor.phase("start-up measurements"):
+        startup = prepare(adapter.model, tokenizer, loaded.device, settings, prompts, run_dir, key)
     texts = Texts(tokenizer, settings, prompts, startup.response_prefix)
     scorer = evaluation_scorer(tokenizer, loaded.device, settings, startup.batch_size, texts)
     scorer.base_logprobs = startup.base_logprobs
     components = [c for c in settings.components if c in architecture.components()]
     context = MethodContext(adapter, settings, architecture.n_layers, components, startup.directions)
     if method_class.needs_captures:
-        context.captures = capture_for_fitting(adapter, tokenizer, loaded.device, settings, texts, startup.batch_size)
+        with monitor.phase("capture module activations"):
+            context.captures = capture_for_fitting(
+                adapter, tokenizer, loaded.device, settings, texts, startup.batch_size
+            )
     method = method_class(context)
     study.set_user_attr("base_refusals", startup.base_refusals)
     return Session(settings, source, run_dir, loaded, architecture, adapter, method, study, startup, texts, scorer)
@@ -141,6 +150,22 @@ def _report_architecture(architecture: Architecture, wanted: list[str]) -> None:
         console.print(f"* {component}: {per_layer} residual writers per layer{state}")
     for entry in architecture.unsupported:
         console.print(f"[yellow]* not ablated, unknown kind of residual writer:[/] {entry}")
+
+
+def _report_phases(session: Session, monitor: PhaseMonitor) -> None:
+    """Print time and peak memory per phase; keep them in the run folder as phases.json."""
+    import json
+
+    monitor.close()
+    trial_seconds = [t.user_attrs["seconds"] for t in completed(session.study) if "seconds" in t.user_attrs]
+    monitor.show(trial_seconds)
+    startup_seconds = {name: round(value, 2) for name, value in session.startup.seconds.items()}
+    console.print(
+        "Start-up measurements: " + ", ".join(f"{name} {value:.1f} s" for name, value in startup_seconds.items())
+    )
+    records = [vars(record) for record in monitor.records]
+    data = {"phases": records, "startup_seconds": startup_seconds, "trial_medians": median_trial_phases(trial_seconds)}
+    (session.run_dir / "phases.json").write_text(json.dumps(data, indent=2))
 
 
 def _save_front(session: Session) -> None:
