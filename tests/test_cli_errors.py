@@ -91,3 +91,10 @@ def test_real_process_prints_no_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("apostate: error:")
+
+
+def test_bitsandbytes_8bit_is_refused_at_start(tmp_path, capsys, model_dir):
+    code = main([str(model_dir), "--run-dir", str(tmp_path / "run"), "--quantization", "bnb_8bit"])
+    line = single_error_line(capsys, code)
+    assert "8-bit is not supported" in line and "bnb_4bit" in line
+    assert not (tmp_path / "run").exists()  # refused before anything was started

@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     CliPositionalArg,
@@ -203,7 +203,9 @@ class Settings(BaseSettings):
         description="Torch dtypes to try in order; the first that loads and generates a finite token wins.",
     )
     quantization: Literal["none", "bnb_4bit"] = Field(
-        default="none", description="'bnb_4bit' loads the model with bitsandbytes 4-bit NF4 quantization."
+        default="none",
+        description="'bnb_4bit' loads the model with bitsandbytes 4-bit NF4 quantization "
+        "(8-bit is refused: its weights cannot be read back reliably).",
     )
     device_map: str | dict[str, int | str] = Field(
         default="auto", description="Passed to from_pretrained (accelerate)."
@@ -332,6 +334,16 @@ class Settings(BaseSettings):
             return self.cache_dir.expanduser()
         root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
         return Path(root) / "apostate"
+
+    @field_validator("quantization", mode="before")
+    @classmethod
+    def _no_8bit(cls, value):
+        if isinstance(value, str) and "8" in value:
+            raise ValueError(
+                "bitsandbytes 8-bit is not supported: it drops the scale factors of its int8 weights after a "
+                "forward pass, so edits computed from them would be silently wrong; use 'bnb_4bit'"
+            )
+        return value
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
