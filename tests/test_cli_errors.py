@@ -68,7 +68,10 @@ def test_dataset_id_while_offline(tmp_path, capsys, model_dir, monkeypatch):
 
 
 def test_hub_id_while_offline(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at import time
     code = main(["nobody/no-such-model", "--run-dir", str(tmp_path / "run")])
     assert "cannot load" in single_error_line(capsys, code)
 

@@ -55,7 +55,9 @@ def _quiet_libraries() -> None:
     import logging
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # Offline, the hub client logs every retry; the one-line error after it says what matters.
+    for name in ("bitsandbytes", "huggingface_hub", "httpx", "httpx2", "httpcore"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*kernels.*")
     warnings.filterwarnings("ignore", category=UserWarning, module="peft")
     warnings.filterwarnings("ignore", category=FutureWarning)
