@@ -47,7 +47,8 @@ def capture_writer_inputs(
 
     def hook_for(index: int):
         def hook(module, args, output):
-            rows[index].append(args[0][:, -1, :].float().cpu())
+            # A copy: a slice would keep the whole batch's activations alive.
+            rows[index].append(args[0][:, -1, :].to("cpu", torch.float32, copy=True))
 
         return hook
 
