@@ -80,6 +80,9 @@ def tiny():
     return model, tokenizer
 
 
+MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[])
+
+
 def make_method(model, tokenizer, method: str, **ara):
     settings = Settings(model="tiny", method=method, ara={"lora_rank": 4, "lbfgs_steps": 10, **ara})
     architecture = discover(model)
@@ -92,19 +95,14 @@ def make_method(model, tokenizer, method: str, **ara):
         ]
         for side, prompts in (("harmless", HARMLESS), ("harmful", HARMFUL))
     }
-    slots, _ = capture_slots(adapter)
+    linear, experts, skipped = capture_slots(adapter)
+    assert not skipped
     inputs = {
-        side: capture_writer_inputs(adapter.model, tokenizer, slots, texts[side], 8, "cpu", side) for side in texts
+        side: capture_writer_inputs(adapter.model, tokenizer, adapter, linear + experts, texts[side], 8, "cpu", side)
+        for side in texts
     }
-    captures = build_captures(slots, inputs["harmless"], inputs["harmful"], settings.ara.basis_rank)
-    context = MethodContext(
-        adapter,
-        settings,
-        architecture.n_layers,
-        ["attn", "mlp"],
-        torch.zeros(4, 64),
-        {i: c for i, c in enumerate(captures)},
-    )
+    captures = build_captures(adapter, inputs["harmless"], inputs["harmful"], settings.ara.basis_rank)
+    context = MethodContext(adapter, settings, architecture.n_layers, ["attn", "mlp"], torch.zeros(4, 64), captures)
     return method_class(context), adapter, texts
 
 
@@ -161,11 +159,11 @@ def test_steering_moves_harmful_outputs_toward_harmless_ones():
     model, tokenizer = tiny_model("qwen2", layers=3, seed=1)
     method, adapter, texts = make_method(model, tokenizer, "ara")
     parameters = method.suggest(FixedTrial(trial_parameters(steer=1.0, overcorrect=0.0)))
-    for index, _slot, capture in method.selected(parameters):
+    for index, expert, _slot, capture in method.selected(parameters):
         objective = method.objective(capture, parameters)
         before = objective(capture.harmless_outputs, capture.harmful_outputs).item()
         method.apply(parameters)
-        delta = method.edits[index]
+        delta = method.edits[(index, expert)]
         harmful = capture.harmful_outputs + capture.harmful_coords @ (delta @ capture.basis.T).T
         harmless = capture.harmless_outputs + capture.harmless_coords @ (delta @ capture.basis.T).T
         gap_before = (capture.harmful_outputs.mean(0) - capture.harmless_outputs.mean(0)).norm()
@@ -180,7 +178,7 @@ def test_trust_region_caps_the_edit():
     model, tokenizer = tiny_model("qwen2", layers=3, seed=1)
     method, adapter, texts = make_method(model, tokenizer, "ara", max_relative_edit=0.01)
     method.apply(method.suggest(FixedTrial(trial_parameters(steer=1.0))))
-    for index, delta in method.edits.items():
+    for (index, _expert), delta in method.edits.items():
         weight = method.originals[index].float()
         assert delta.norm() <= 0.01 * weight.norm() * 1.0001
 
@@ -263,3 +261,47 @@ def test_headless_ara_run_exports_the_scored_model(method_name, tmp_path):
     )
     assert kl > 0
     assert kl == pytest.approx(trial.user_attrs["kl"], rel=1e-3, abs=1e-6)
+
+
+@pytest.mark.parametrize("method_name", ["ara", "ara-lora"])
+def test_fused_moe_experts_are_captured_and_edited_per_expert(method_name):
+    model, tokenizer = tiny_model("qwen3_moe", layers=2, seed=2, **MOE)
+    method, adapter, texts = make_method(model, tokenizer, method_name)
+    expert_keys = [key for key in method.context.captures if adapter.slots[key[0]].stacked]
+    assert expert_keys, "some experts were routed last-position tokens"
+    for key in expert_keys:  # an expert's rows: one per prompt routed to it, on each side
+        capture = method.context.captures[key]
+        assert 1 <= capture.harmless_outputs.shape[0] <= len(HARMLESS)
+    # Coordinates and outputs of a capture agree with each other.
+    index, expert = expert_keys[0]
+    capture = method.context.captures[(index, expert)]
+    weight = adapter.slots[index].base_weight()[expert]
+    rebuilt = capture.harmful_coords @ capture.basis @ weight.T
+    assert torch.allclose(rebuilt, capture.harmful_outputs, atol=1e-4)
+
+    base = logprobs(adapter, tokenizer, texts)
+    method.apply(method.suggest(FixedTrial(trial_parameters(steer=1.0))))
+    assert not torch.allclose(logprobs(adapter, tokenizer, texts), base)
+    stacked = {writer.path: delta for writer, delta in method.deltas() if writer.parameter}
+    delta = stacked[adapter.slots[index].writer.path]
+    edited = {e for (i, e) in method.context.captures if i == index}
+    for e in range(delta.shape[0]):  # experts never reached stay untouched
+        assert bool(delta[e].abs().sum() > 0) == (e in edited)
+    method.reset()
+    assert torch.equal(logprobs(adapter, tokenizer, texts), base)
+
+
+def test_recomputed_expert_inputs_reproduce_the_experts_forward():
+    from apostate.expert_captures import down_inputs
+
+    model, _ = tiny_model("qwen3_moe", layers=1, seed=3, **MOE)
+    experts = model.model.layers[0].mlp.experts
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(5, 64, generator=generator)
+    chosen = torch.stack([torch.randperm(4, generator=generator)[:2] for _ in range(5)])
+    routing = torch.rand(5, 2, generator=generator)
+    with torch.no_grad():
+        expected = experts(hidden, chosen, routing)
+        ids, inputs = down_inputs(experts, hidden, chosen)
+        outputs = torch.einsum("ni,noi->no", inputs, experts.down_proj[ids]).reshape(5, 2, -1)
+    assert torch.allclose((routing[..., None] * outputs).sum(dim=1), expected, atol=1e-5)

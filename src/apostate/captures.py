@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .adapter import Adapter, AdapterSlot
+from .adapter import Adapter
 from .batching import batches
+from .expert_captures import ExpertRecorder, expert_module
 from .progress import track
 
 
@@ -30,32 +31,47 @@ class ModuleCapture:
     harmful_outputs: Tensor  # (n_harmful, out)
 
 
-def capture_slots(adapter: Adapter) -> tuple[list[AdapterSlot], list[str]]:
-    """Slots ARA can fit (Linear writers) and a description of the ones it cannot."""
-    fit = [slot for slot in adapter.slots if not slot.stacked]
-    skipped = [f"{slot.writer.path}.{slot.writer.parameter}" for slot in adapter.slots if slot.stacked]
-    return fit, skipped
+CaptureKey = tuple[int, int]  # (slot index, expert); a plain Linear is expert 0
+
+
+def capture_slots(adapter: Adapter) -> tuple[list[int], list[int], list[str]]:
+    """Slot indices ARA can fit: Linear writers, fused standard experts; and what it cannot."""
+    linear, experts, skipped = [], [], []
+    for index, slot in enumerate(adapter.slots):
+        if not slot.stacked:
+            linear.append(index)
+        elif expert_module(slot) is not None:
+            experts.append(index)
+        else:
+            skipped.append(f"{slot.writer.path}.{slot.writer.parameter}")
+    return linear, experts, skipped
 
 
 @torch.inference_mode()
 def capture_writer_inputs(
-    model, tokenizer, slots: list[AdapterSlot], texts: list[str], batch_size: int, device, label: str
-) -> list[Tensor]:
-    """Per slot, the (len(texts), in) inputs at the last prompt position (float32, CPU)."""
-    rows: list[list[Tensor]] = [[] for _ in slots]
+    model, tokenizer, adapter: Adapter, slot_indices: list[int], texts: list[str], batch_size: int, device, label: str
+) -> dict[CaptureKey, Tensor]:
+    """Per (slot, expert), the inputs at the last prompt position (float32, CPU), in prompt order.
+
+    A Linear writer has a row for every text; an expert only for the texts routed to it.
+    """
+    linear_rows: dict[int, list[Tensor]] = {}
+    recorders: dict[int, ExpertRecorder] = {}
+    handles = []
+    for index in slot_indices:
+        slot = adapter.slots[index]
+        if slot.stacked:
+            recorders[index] = ExpertRecorder(slot.module.get_base_layer())
+            handles.append(recorders[index].module.register_forward_hook(recorders[index]))
+        else:
+            linear_rows[index] = []
+            handles.append(slot.module.get_base_layer().register_forward_hook(_linear_hook(linear_rows[index])))
     order: list[int] = []
-
-    def hook_for(index: int):
-        def hook(module, args, output):
-            # A copy: a slice would keep the whole batch's activations alive.
-            rows[index].append(args[0][:, -1, :].to("cpu", torch.float32, copy=True))
-
-        return hook
-
-    handles = [slot.module.get_base_layer().register_forward_hook(hook_for(i)) for i, slot in enumerate(slots)]
     try:
         with track(label, len(texts)) as advance:
             for indices, inputs in batches(tokenizer, texts, batch_size, device):
+                for recorder in recorders.values():
+                    recorder.batch = (indices, *inputs["input_ids"].shape)
                 model(**inputs, use_cache=False, logits_to_keep=1)
                 order.extend(indices)
                 advance(len(indices))
@@ -63,24 +79,39 @@ def capture_writer_inputs(
         for handle in handles:
             handle.remove()
     inverse = torch.argsort(torch.tensor(order))  # back to the order of `texts`
-    return [torch.cat(parts)[inverse] for parts in rows]
+    captured = {(index, 0): torch.cat(rows)[inverse] for index, rows in linear_rows.items()}
+    for index, recorder in recorders.items():
+        for expert, rows in recorder.per_expert(len(texts)).items():
+            captured[(index, expert)] = rows
+    return captured
+
+
+def _linear_hook(rows: list[Tensor]):
+    def hook(module, args, output):
+        # A copy: a slice would keep the whole batch's activations alive.
+        rows.append(args[0][:, -1, :].to("cpu", torch.float32, copy=True))
+
+    return hook
 
 
 def build_captures(
-    slots: list[AdapterSlot], harmless_inputs: list[Tensor], harmful_inputs: list[Tensor], basis_rank: int
-) -> list[ModuleCapture]:
-    captures = []
-    for slot, harmless, harmful in zip(slots, harmless_inputs, harmful_inputs, strict=True):
-        weight = slot.base_weight()[0]  # (out, in), dequantized
-        basis = input_basis(torch.cat([harmless, harmful]), basis_rank)
-        captures.append(
-            ModuleCapture(
-                basis=basis,
-                harmless_coords=harmless @ basis.T,
-                harmful_coords=harmful @ basis.T,
-                harmless_outputs=harmless @ weight.T,
-                harmful_outputs=harmful @ weight.T,
-            )
+    adapter: Adapter, harmless: dict[CaptureKey, Tensor], harmful: dict[CaptureKey, Tensor], basis_rank: int
+) -> dict[CaptureKey, ModuleCapture]:
+    """Captures for every (slot, expert) seen on both sides (an expert only one side reached is left alone)."""
+    captures = {}
+    weights: dict[int, Tensor] = {}
+    for key in sorted(harmless.keys() & harmful.keys()):
+        index, expert = key
+        if index not in weights:
+            weights[index] = adapter.slots[index].base_weight()  # (experts, out, in), dequantized
+        weight = weights[index][expert]
+        basis = input_basis(torch.cat([harmless[key], harmful[key]]), basis_rank)
+        captures[key] = ModuleCapture(
+            basis=basis,
+            harmless_coords=harmless[key] @ basis.T,
+            harmful_coords=harmful[key] @ basis.T,
+            harmless_outputs=harmless[key] @ weight.T,
+            harmful_outputs=harmful[key] @ weight.T,
         )
     return captures
 

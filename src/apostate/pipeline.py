@@ -126,19 +126,24 @@ def capture_for_fitting(adapter: Adapter, tokenizer, device, settings: Settings,
     """Module inputs and outputs on the direction prompts, for methods fitted to them (ARA)."""
     from .captures import build_captures, capture_slots, capture_writer_inputs
 
-    slots, skipped = capture_slots(adapter)
+    linear, experts, skipped = capture_slots(adapter)
     for entry in skipped:
-        console.print(f"[yellow]* not edited by {settings.method}, fused expert parameter:[/] {entry}")
+        console.print(f"[yellow]* not edited by {settings.method}, experts of an unknown form:[/] {entry}")
     console.print("Capturing module inputs and outputs...")
     inputs = {
         side: capture_writer_inputs(
-            adapter.model, tokenizer, slots, texts.of(side, "direction"), batch_size, device, f"capturing ({side})"
+            adapter.model,
+            tokenizer,
+            adapter,
+            linear + experts,
+            texts.of(side, "direction"),
+            batch_size,
+            device,
+            f"capturing ({side})",
         )
         for side in ("harmless", "harmful")
     }
-    captures = build_captures(slots, inputs["harmless"], inputs["harmful"], settings.ara.basis_rank)
-    index_of = {id(slot): index for index, slot in enumerate(adapter.slots)}
-    return {index_of[id(slot)]: capture for slot, capture in zip(slots, captures, strict=True)}
+    return build_captures(adapter, inputs["harmless"], inputs["harmful"], settings.ara.basis_rank)
 
 
 def _report_architecture(architecture: Architecture, wanted: list[str]) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..architecture import ResidualWriter
+from ..architecture import ResidualWriter, stacked_output_dim
 from ..errors import ApostateError
 from .ara_base import AraMethodBase, AraParameters
 from .ara_objective import fit
@@ -31,8 +31,8 @@ class AraMethod(AraMethodBase):
         if context.settings.quantization != "none":
             raise ApostateError("method 'ara' edits full-precision weights; on a quantized model use method 'ara-lora'")
         super().__init__(context)
-        self.originals: dict[int, Tensor] = {}  # slot index -> untouched weight (model dtype)
-        self.edits: dict[int, Tensor] = {}  # slot index -> ΔW (float32, CPU)
+        self.originals: dict[int, Tensor] = {}  # slot index -> untouched parameter (model dtype)
+        self.edits: dict[tuple[int, int], Tensor] = {}  # (slot, expert) -> ΔW (out, in), float32, CPU
 
     @staticmethod
     def adapter_rank(settings) -> int:
@@ -42,11 +42,11 @@ class AraMethod(AraMethodBase):
         self.adapter.reset()
         with torch.no_grad():
             for index, original in self.originals.items():
-                self._weight(index).copy_(original)
+                self._parameter(index).copy_(original)
         self.edits.clear()
 
     def apply(self, parameters: AraParameters) -> None:
-        for index, slot, capture in self.selected(parameters):
+        for index, expert, slot, capture in self.selected(parameters):
             coefficients = torch.zeros(capture.harmful_outputs.shape[1], capture.basis.shape[0])
             fit(
                 self.objective(capture, parameters),
@@ -54,17 +54,33 @@ class AraMethod(AraMethodBase):
                 lambda coords, c=coefficients: coords @ c.T,
                 self.settings.ara.lbfgs_steps,
             )
-            weight = self._weight(index)
-            factor = self.cap(coefficients.norm(), slot.base_weight().norm())
+            self.originals.setdefault(index, self._parameter(index).detach().clone())
+            original = self._oriented(self.originals[index], slot, expert)
+            factor = self.cap(coefficients.norm(), original.float().norm())
             delta = factor * coefficients @ capture.basis
-            self.originals.setdefault(index, weight.detach().clone())
             with torch.no_grad():
-                weight.copy_((self.originals[index].float() + delta.to(weight.device)).to(weight.dtype))
-            self.edits[index] = delta
+                target = self._oriented(self._parameter(index), slot, expert)
+                target.copy_((original.float() + delta.to(target.device)).to(target.dtype))
+            self.edits[(index, expert)] = delta
 
     def deltas(self) -> Iterator[tuple[ResidualWriter, Tensor]]:
-        for index, delta in self.edits.items():
-            yield self.adapter.slots[index].writer, delta
+        """Per edited writer, ΔW in the layout of its parameter (all experts of a stacked one)."""
+        for index in sorted({index for index, _ in self.edits}):
+            slot = self.adapter.slots[index]
+            delta = torch.zeros(self._parameter(index).shape, dtype=torch.float32)
+            for (edited, expert), expert_delta in self.edits.items():
+                if edited == index:
+                    self._oriented(delta, slot, expert).copy_(expert_delta)
+            yield slot.writer, delta
 
-    def _weight(self, index: int) -> Tensor:
-        return self.adapter.slots[index].module.get_base_layer().weight
+    def _parameter(self, index: int) -> Tensor:
+        slot = self.adapter.slots[index]
+        return getattr(slot.module.get_base_layer(), slot.writer.parameter or "weight")
+
+    @staticmethod
+    def _oriented(parameter: Tensor, slot, expert: int) -> Tensor:
+        """A view of one expert's (out, in) weight inside a Linear weight or a stacked parameter."""
+        if not slot.stacked:
+            return parameter
+        view = parameter[expert]
+        return view.T if stacked_output_dim(slot.module.get_base_layer()) == 2 else view

@@ -67,15 +67,15 @@ class AraMethodBase:
     def describe(self, parameters: AraParameters) -> dict:
         return parameters.as_dict()
 
-    def selected(self, parameters: AraParameters) -> Iterator[tuple[int, AdapterSlot, ModuleCapture]]:
-        for index, slot in enumerate(self.adapter.slots):
-            writer = slot.writer
+    def selected(self, parameters: AraParameters) -> Iterator[tuple[int, int, AdapterSlot, ModuleCapture]]:
+        """(slot index, expert, slot, capture) of every module the trial edits (a Linear is expert 0)."""
+        for (index, expert), capture in self.context.captures.items():
+            writer = self.adapter.slots[index].writer
             if (
-                index in self.context.captures
-                and writer.component in self.context.components
+                writer.component in self.context.components
                 and parameters.first_layer <= writer.layer <= parameters.last_layer
             ):
-                yield index, slot, self.context.captures[index]
+                yield index, expert, self.adapter.slots[index], capture
 
     def objective(self, capture: ModuleCapture, parameters: AraParameters) -> Objective:
         return Objective(capture, parameters.weights, self.settings.ara.objective)

@@ -33,9 +33,10 @@ class AraLoraMethod(AraMethodBase):
 
     def apply(self, parameters: AraParameters) -> None:
         rank = self.settings.ara.lora_rank
-        for index, slot, capture in self.selected(parameters):
+        factors: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # slot -> (A, B, weight norms), all experts
+        for index, expert, slot, capture in self.selected(parameters):
             k = capture.basis.shape[0]
-            generator = torch.Generator().manual_seed(index)
+            generator = torch.Generator().manual_seed(index * 100_003 + expert)
             a = torch.randn(rank, k, generator=generator) / k**0.5
             b = torch.zeros(capture.harmful_outputs.shape[1], rank)
             fit(
@@ -44,8 +45,19 @@ class AraLoraMethod(AraMethodBase):
                 lambda coords, a=a, b=b: coords @ a.T @ b.T,
                 self.settings.ara.lbfgs_steps,
             )
-            factor = self.cap((b @ a).norm(), slot.base_weight().norm())
-            slot.write((a @ capture.basis).unsqueeze(0), (factor * b).unsqueeze(0))
+            if index not in factors:
+                weight = slot.base_weight()  # (experts, out, in), dequantized
+                experts, out_features, in_features = weight.shape
+                factors[index] = (
+                    weight.new_zeros(experts, rank, in_features),
+                    weight.new_zeros(experts, out_features, rank),
+                    weight.norm(dim=(1, 2)),
+                )
+            slot_a, slot_b, norms = factors[index]
+            slot_a[expert] = a @ capture.basis
+            slot_b[expert] = self.cap((b @ a).norm(), norms[expert]) * b
+        for index, (a, b, _) in factors.items():
+            self.adapter.slots[index].write(a, b)
 
     def deltas(self) -> Iterator[tuple[ResidualWriter, Tensor]]:
         for slot in self.adapter.slots:

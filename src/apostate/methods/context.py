@@ -21,4 +21,4 @@ class MethodContext:
     n_layers: int
     components: list[str]  # the components the user wants edited and the model has
     directions: Tensor  # (layers + 1, hidden) refusal directions
-    captures: dict[int, ModuleCapture] = field(default_factory=dict)  # slot index -> capture (ARA)
+    captures: dict[tuple[int, int], ModuleCapture] = field(default_factory=dict)  # (slot, expert) -> capture (ARA)
