@@ -175,3 +175,59 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     open_study(tmp_path, {"row_normalization": "full"}, seed=1, n_startup_trials=1)
     with pytest.raises(ApostateError, match="changed: row_normalization"):
         open_study(tmp_path, {"row_normalization": "none"}, seed=1, n_startup_trials=1)
+
+
+class _FakeMethod:
+    """A method whose edit is broken or whose model is far off, to test the trial loop's handling."""
+
+    def __init__(self, broken: bool):
+        self.broken = broken
+
+    def reset(self):
+        pass
+
+    def suggest(self, trial):
+        return trial.suggest_float("x", 0.0, 1.0)
+
+    def describe(self, parameters):
+        return {"x": parameters}
+
+    def apply(self, parameters):
+        from apostate.methods import BrokenEdit
+
+        if self.broken:
+            raise BrokenEdit("the fitted edit is not finite")
+
+
+class _FakeScorer:
+    harmful_texts = ["a", "b"]
+
+    def __init__(self, kl: float):
+        self._kl = kl
+        self.counted = 0
+
+    def kl(self, model):
+        return self._kl
+
+    def count_refusals(self, model):
+        self.counted += 1
+        return 1
+
+
+@pytest.mark.parametrize(("broken", "kl"), [(True, 0.01), (False, 7.5)])
+def test_broken_or_far_off_trials_are_infeasible_pruned_and_never_on_the_front(tmp_path, broken, kl):
+    study = open_study(tmp_path, {"a": 1}, seed=1, n_startup_trials=1)
+    good = TrialRunner(_FakeMethod(False), _FakeScorer(0.05), None, kl_cutoff=2.0)
+    bad_scorer = _FakeScorer(kl)
+    bad = TrialRunner(_FakeMethod(broken), bad_scorer, None, kl_cutoff=2.0)
+    study.optimize(good, n_trials=1)
+    study.optimize(bad, n_trials=1)
+    finished = study.trials
+    assert finished[0].state == optuna.trial.TrialState.COMPLETE and finished[0].constraints[
+        "kl_cutoff"
+    ] == pytest.approx(0.05 - 2.0)
+    assert finished[1].state == optuna.trial.TrialState.PRUNED
+    assert finished[1].constraints["kl_cutoff"] > 0  # infeasible for the sampler
+    assert bad_scorer.counted == 0  # no refusal counting for an unusable model
+    assert "infeasible" in finished[1].user_attrs and finished[1].values is None  # no made-up objective values
+    assert [t.number for t in study.best_trials] == [0]
