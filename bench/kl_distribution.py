@@ -41,7 +41,7 @@ def plot(before: dict, after: dict, labels: tuple[str, str], path: Path) -> None
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(8, 3))
-    for row, (label, kls) in enumerate(zip(labels, (before, after), strict=True)):
+    for row, kls in enumerate((before, after)):
         values = [max(kl, 1e-6) for kl, _ in kls.values()]
         axis.scatter(values, [row] * len(values), alpha=0.6)
     axis.set_xscale("log")
