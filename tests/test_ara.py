@@ -216,49 +216,17 @@ def test_headless_ara_run_exports_the_scored_model(method_name, tmp_path):
     """Through the CLI: trials, then the merged export reproduces the KL the trial recorded."""
     import json
 
+    from exports import exported_kl, run_and_save
     from test_end_to_end import SMALL, load_study
     from tiny import tiny_model_folder
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from apostate.cli import main
-    from apostate.scoring import kl_divergence
-    from apostate.settings import parse_command_line
-    from apostate.startup import Texts, load_prompt_sets
 
     folder = tiny_model_folder(tmp_path / "tiny")
     run_dir, output = tmp_path / "run", tmp_path / "model"
     flags = [*SMALL, "--method", method_name, "--ara.lbfgs-steps", "5", "--kl-cutoff", "100"]
-    code = main(
-        [
-            str(folder),
-            "--run-dir",
-            str(run_dir),
-            *flags,
-            "--n-trials",
-            "2",
-            "--headless",
-            "--trial",
-            "1",
-            "--actions",
-            "save",
-            "--output-dir",
-            str(output),
-        ]
-    )
-    assert code == 0
+    assert run_and_save(str(folder), run_dir, output, [*flags, "--n-trials", "2"], "--trial", "1") == 0
     assert json.loads((output / "apostate.json").read_text())["method"] == method_name
     trial = next(t for t in load_study(run_dir).trials if t.number == 1)
-
-    tokenizer = AutoTokenizer.from_pretrained(output)
-    exported = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
-    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    settings = parse_command_line([str(folder), *flags])
-    prefix = torch.load(run_dir / "startup.pt", weights_only=False)["startup"].response_prefix
-    texts = Texts(tokenizer, settings, load_prompt_sets(settings), prefix).of("harmless", "evaluation")
-    kl = kl_divergence(
-        last_position_logprobs(base, tokenizer, texts, 8, "cpu"),
-        last_position_logprobs(exported, tokenizer, texts, 8, "cpu"),
-    )
+    kl = exported_kl(folder, output, run_dir, flags)
     assert kl > 0
     assert kl == pytest.approx(trial.user_attrs["kl"], rel=1e-3, abs=1e-6)
 

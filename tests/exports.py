@@ -1,0 +1,32 @@
+"""Shared by the export tests: run to a saved trial, and re-score the saved folder with plain transformers."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from apostate.batching import last_position_logprobs
+from apostate.cli import main
+from apostate.scoring import kl_divergence
+from apostate.settings import parse_command_line
+from apostate.startup import Texts, load_prompt_sets
+
+
+def run_and_save(model: str, run_dir, output, flags: list[str], *selection: str) -> int:
+    """A headless run that saves the selected trial's merged model to `output`."""
+    return main([model, "--run-dir", str(run_dir), *flags, "--headless", *selection, "--actions", "save",
+                 "--output-dir", str(output)])  # fmt: skip
+
+
+def exported_kl(base_folder, output, run_dir, flags: list[str], subset: str = "evaluation") -> float:
+    """KL of the exported model against the base on the run's harmless prompts, both loaded plainly."""
+    tokenizer = AutoTokenizer.from_pretrained(output)
+    base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    exported = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
+    settings = parse_command_line([str(base_folder), *flags])
+    prefix = torch.load(run_dir / "startup.pt", weights_only=False)["startup"].response_prefix
+    texts = Texts(tokenizer, settings, load_prompt_sets(settings), prefix).of("harmless", subset)
+    return kl_divergence(
+        last_position_logprobs(base, tokenizer, texts, 8, "cpu"),
+        last_position_logprobs(exported, tokenizer, texts, 8, "cpu"),
+    )
