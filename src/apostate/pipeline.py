@@ -80,7 +80,8 @@ def run(settings: Settings) -> int:
         if finished:
             from .results import act
 
-            with monitor.phase("chosen trial: " + ", ".join(settings.actions or ["interactive"])):
+            chosen = ", ".join(settings.actions or ["none"]) if settings.headless else "interactive"
+            with monitor.phase(f"chosen trial: {chosen}"):
                 act(session)
         _report_phases(session, monitor)
         return 0 if finished else 130
