@@ -36,7 +36,8 @@ class AraLoraMethod(AraMethodBase):
         factors: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # slot -> (A, B, weight norms), all experts
         for index, expert, slot, capture in self.selected(parameters):
             k = capture.basis.shape[0]
-            generator = torch.Generator().manual_seed(index * 100_003 + expert)
+            # Linear writers (expert 0) keep seed = slot index, as in studies run before experts were fitted.
+            generator = torch.Generator().manual_seed(index + 1_000_003 * expert)
             a = torch.randn(rank, k, generator=generator) / k**0.5
             b = torch.zeros(capture.harmful_outputs.shape[1], rank)
             fit(
