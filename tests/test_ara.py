@@ -23,7 +23,9 @@ def random_capture(n=24, width=20, out=16, seed=0) -> ModuleCapture:
     harmful = torch.randn(n, width, generator=generator) + 1.5
     weight = torch.randn(out, width, generator=generator)
     basis = torch.linalg.svd(torch.cat([harmless, harmful]), full_matrices=False)[2]
-    return ModuleCapture(basis, harmless @ basis.T, harmful @ basis.T, harmless @ weight.T, harmful @ weight.T)
+    return ModuleCapture(
+        basis, harmless @ basis.T, harmful @ basis.T, harmless @ weight.T, harmful @ weight.T, weight.norm()
+    )
 
 
 def fitted(capture, weights, kind, steps=30):
@@ -45,7 +47,9 @@ def test_smooth_objective_has_no_gradient_jump_where_knn_has_one():
     """A harmful output crossing the point equidistant from two harmless outputs: with k = 1 the
     nearest neighbour switches and the gradient jumps; the softmin gradient changes by O(ε)."""
     harmless = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
-    capture = ModuleCapture(torch.eye(2), harmless, torch.zeros(1, 2), harmless, torch.tensor([[0.0, 3.0]]))
+    capture = ModuleCapture(
+        torch.eye(2), harmless, torch.zeros(1, 2), harmless, torch.tensor([[0.0, 3.0]]), torch.tensor(1.0)
+    )
     weights = ObjectiveWeights(preserve=0.0, steer=1.0, overcorrect=0.0, temperature=0.5, neighbours=1)
 
     def gradient(kind, x):
@@ -273,3 +277,17 @@ def test_recomputed_expert_inputs_reproduce_the_experts_forward():
         ids, inputs = down_inputs(experts, hidden, chosen)
         outputs = torch.einsum("ni,noi->no", inputs, experts.down_proj[ids]).reshape(5, 2, -1)
     assert torch.allclose((routing[..., None] * outputs).sum(dim=1), expected, atol=1e-5)
+
+
+def test_adapter_only_export_of_full_weight_ara_is_a_clear_error_and_keeps_the_trials(tmp_path, capsys):
+    from test_cli_errors import single_error_line
+    from test_end_to_end import SMALL, load_study
+    from tiny import tiny_model_folder
+
+    from apostate.cli import main
+
+    folder = tiny_model_folder(tmp_path / "tiny")
+    flags = [*SMALL, "--method", "ara", "--kl-cutoff", "100", "--n-trials", "2", "--headless"]
+    code = main([str(folder), "--run-dir", str(tmp_path / "run"), *flags, "--actions", "save-adapter"])
+    assert "cannot hold" in single_error_line(capsys, code)
+    assert len(load_study(tmp_path / "run").trials) == 2

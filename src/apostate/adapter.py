@@ -32,6 +32,15 @@ class AdapterSlot:
     def rank(self) -> int:
         return self.module.r[ADAPTER]
 
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(experts, out, in) of the base weight, without reading (or dequantizing) it."""
+        base = self.module.get_base_layer()
+        if not self.stacked:
+            return 1, base.out_features, base.in_features
+        experts, first, second = getattr(base, self.writer.parameter).shape
+        return (experts, second, first) if stacked_output_dim(base) == 2 else (experts, first, second)
+
     def base_weight(self) -> Tensor:
         """The unedited weight, dequantized, as float32 (experts, out, in)."""
         base = self.module.get_base_layer()

@@ -16,76 +16,19 @@ from torch import nn
 
 from .errors import ApostateError
 
-WRITER_NAMES = {
-    "o_proj",
-    "out_proj",
-    "dense",
-    "wo",
-    "down_proj",
-    "fc2",
-    "w2",
-    "dense_4h_to_h",
-    "output_linear",
-    "c_proj",
-}
+# fmt: off
+WRITER_NAMES = {"o_proj", "out_proj", "dense", "wo", "down_proj", "fc2", "w2", "dense_4h_to_h", "output_linear", "c_proj"}
 # Modules that read the residual stream or live inside a block: never writers.
 READER_NAMES = {
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "qkv_proj",
-    "query_key_value",
-    "c_attn",
-    "query",
-    "key",
-    "value",
-    "gate_proj",
-    "up_proj",
-    "gate_up_proj",
-    "w1",
-    "w3",
-    "fc1",
-    "c_fc",
-    "dense_h_to_4h",
-    "input_linear",
-    "in_proj",
-    "in_proj_qkvz",
-    "in_proj_ba",
-    "x_proj",
-    "dt_proj",
-    "router",
-    "gate",
-    "shared_expert_gate",
-    "q_a_proj",
-    "q_b_proj",
-    "kv_a_proj_with_mqa",
-    "kv_b_proj",
-    "lm_head",
+    "q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "query", "key", "value",
+    "gate_proj", "up_proj", "gate_up_proj", "w1", "w3", "fc1", "c_fc", "dense_h_to_4h", "input_linear",
+    "in_proj", "in_proj_qkvz", "in_proj_ba", "x_proj", "dt_proj", "router", "gate", "shared_expert_gate",
+    "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "lm_head",
 }
-ATTENTION_PARENTS = {
-    "self_attn",
-    "attn",
-    "attention",
-    "self_attention",
-    "linear_attn",
-    "conv",
-    "mamba",
-    "mixer",
-    "token_mixer",
-}
-MLP_PARENTS = {
-    "mlp",
-    "feed_forward",
-    "ffn",
-    "block_sparse_moe",
-    "moe",
-    "experts",
-    "shared_expert",
-    "shared_experts",
-    "shared_mlp",
-    "channel_mixer",
-}
+ATTENTION_PARENTS = {"self_attn", "attn", "attention", "self_attention", "linear_attn", "conv", "mamba", "mixer", "token_mixer"}
+MLP_PARENTS = {"mlp", "feed_forward", "ffn", "block_sparse_moe", "moe", "experts", "shared_expert", "shared_experts", "shared_mlp", "channel_mixer"}
 MLP_LEAVES = {"down_proj", "fc2", "w2", "dense_4h_to_h", "output_linear"}
+# fmt: on
 LAYER_LIST_NAMES = {"layers", "h", "blocks", "layer"}
 
 

@@ -29,6 +29,7 @@ class ModuleCapture:
     harmful_coords: Tensor  # (n_harmful, k)
     harmless_outputs: Tensor  # (n_harmless, out): the base weight's outputs (bias left out: it cancels)
     harmful_outputs: Tensor  # (n_harmful, out)
+    weight_norm: Tensor  # Frobenius norm of the base weight (the scale of the trust region)
 
 
 CaptureKey = tuple[int, int]  # (slot index, expert); a plain Linear is expert 0
@@ -81,7 +82,7 @@ def capture_writer_inputs(
     inverse = torch.argsort(torch.tensor(order))  # back to the order of `texts`
     captured = {(index, 0): torch.cat(rows)[inverse] for index, rows in linear_rows.items()}
     for index, recorder in recorders.items():
-        for expert, rows in recorder.per_expert(len(texts)).items():
+        for expert, rows in recorder.per_expert().items():
             captured[(index, expert)] = rows
     return captured
 
@@ -112,6 +113,7 @@ def build_captures(
             harmful_coords=harmful[key] @ basis.T,
             harmless_outputs=harmless[key] @ weight.T,
             harmful_outputs=harmful[key] @ weight.T,
+            weight_norm=weight.norm(),
         )
     return captures
 

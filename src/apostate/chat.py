@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import TextStreamer
 
+from .generation import GREEDY
 from .progress import console
 
 
@@ -26,12 +27,9 @@ def chat(model, tokenizer, system_prompt: str | None, device, max_new_tokens: in
         with torch.inference_mode():
             output = model.generate(
                 **inputs,
+                **GREEDY,
                 max_new_tokens=max_new_tokens,
-                do_sample=False,
                 streamer=streamer,
-                temperature=None,
-                top_p=None,
-                top_k=None,
                 pad_token_id=tokenizer.pad_token_id,
             )
         reply = tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

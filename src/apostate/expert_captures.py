@@ -58,7 +58,7 @@ class ExpertRecorder:
         prompts = torch.tensor(indices).repeat_interleave(chosen.shape[1])
         self.rows.append((prompts, experts.cpu(), inputs.to("cpu", torch.float32, copy=True)))
 
-    def per_expert(self, n_prompts: int) -> dict[int, Tensor]:
+    def per_expert(self) -> dict[int, Tensor]:
         """Expert -> (prompts routed to it, intermediate) inputs, in prompt order."""
         prompts = torch.cat([row[0] for row in self.rows])
         experts = torch.cat([row[1] for row in self.rows])

@@ -67,13 +67,6 @@ def save_merged(
 
 
 def save_adapter(source: ModelSource, adapter: Adapter, tokenizer, output_dir: Path, summary: TrialSummary) -> Path:
-    if summary.method == "ara":
-        from .errors import ApostateError
-
-        raise ApostateError(
-            "method 'ara' edits full weights (any rank), which a LoRA adapter cannot hold; "
-            "save the merged model, or use method 'ara-lora'"
-        )
     output_dir = _fresh_dir(output_dir)
     adapter.model.peft_config[ADAPTER].base_model_name_or_path = source.name
     adapter.model.save_pretrained(output_dir)

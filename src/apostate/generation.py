@@ -9,6 +9,9 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .batching import batches
 
+# Greedy decoding; the sampling knobs are unset so a model's generation_config cannot turn them on.
+GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+
 
 class _StopWhenDecided(StoppingCriteria):
     """Finish a sequence as soon as `decided(text so far)` holds; the batch ends when all are done."""
@@ -45,11 +48,8 @@ def generate(
         criteria = StoppingCriteriaList([_StopWhenDecided(tokenizer, prompt_length, stop_when)]) if stop_when else None
         output = model.generate(
             **inputs,
+            **GREEDY,
             max_new_tokens=max_new_tokens,
-            do_sample=False,
-            temperature=None,
-            top_p=None,
-            top_k=None,
             stopping_criteria=criteria,
             pad_token_id=tokenizer.pad_token_id,
         )

@@ -110,6 +110,11 @@ def perform(session, trial, action: str) -> None:
                 settings.trust_remote_code,
             )
         else:
+            if not session.method.edits_in_adapter:
+                raise ApostateError(
+                    f"method '{settings.method}' edits full weights (any rank), which a LoRA adapter cannot hold; "
+                    "save the merged model, or use method 'ara-lora'"
+                )
             path = save_adapter(session.source, session.adapter, session.loaded.tokenizer, output, summary)
         console.print(f"Saved to [bold]{path}[/]")
 

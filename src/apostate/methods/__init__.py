@@ -19,6 +19,7 @@ from .directional import DirectionalMethod
 class Method(Protocol):
     name: str
     needs_captures: bool  # fitted to captured module inputs and outputs (see captures.py)
+    edits_in_adapter: bool  # the LoRA adapter alone holds the edit (so it can be saved on its own)
 
     @staticmethod
     def adapter_rank(settings) -> int:

@@ -26,6 +26,7 @@ from .context import MethodContext
 
 class AraMethod(AraMethodBase):
     name = "ara"
+    edits_in_adapter = False  # full-rank edits live in the weights; only a merged export can hold them
 
     def __init__(self, context: MethodContext):
         if context.settings.quantization != "none":
@@ -56,7 +57,7 @@ class AraMethod(AraMethodBase):
             )
             self.originals.setdefault(index, self._parameter(index).detach().clone())
             original = self._oriented(self.originals[index], slot, expert)
-            factor = self.cap(coefficients.norm(), original.float().norm())
+            factor = self.cap(coefficients.norm(), capture.weight_norm)
             delta = factor * coefficients @ capture.basis
             with torch.no_grad():
                 target = self._oriented(self._parameter(index), slot, expert)

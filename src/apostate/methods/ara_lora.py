@@ -23,6 +23,7 @@ from .ara_objective import fit
 
 class AraLoraMethod(AraMethodBase):
     name = "ara-lora"
+    edits_in_adapter = True
 
     @staticmethod
     def adapter_rank(settings) -> int:
@@ -33,7 +34,7 @@ class AraLoraMethod(AraMethodBase):
 
     def apply(self, parameters: AraParameters) -> None:
         rank = self.settings.ara.lora_rank
-        factors: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # slot -> (A, B, weight norms), all experts
+        factors: dict[int, tuple[Tensor, Tensor]] = {}  # slot index -> (A, B) over all its experts
         for index, expert, slot, capture in self.selected(parameters):
             k = capture.basis.shape[0]
             # Linear writers (expert 0) keep seed = slot index, as in studies run before experts were fitted.
@@ -47,17 +48,12 @@ class AraLoraMethod(AraMethodBase):
                 self.settings.ara.lbfgs_steps,
             )
             if index not in factors:
-                weight = slot.base_weight()  # (experts, out, in), dequantized
-                experts, out_features, in_features = weight.shape
-                factors[index] = (
-                    weight.new_zeros(experts, rank, in_features),
-                    weight.new_zeros(experts, out_features, rank),
-                    weight.norm(dim=(1, 2)),
-                )
-            slot_a, slot_b, norms = factors[index]
+                experts, out_features, in_features = slot.shape
+                factors[index] = (torch.zeros(experts, rank, in_features), torch.zeros(experts, out_features, rank))
+            slot_a, slot_b = factors[index]
             slot_a[expert] = a @ capture.basis
-            slot_b[expert] = self.cap((b @ a).norm(), norms[expert]) * b
-        for index, (a, b, _) in factors.items():
+            slot_b[expert] = self.cap((b @ a).norm(), capture.weight_norm) * b
+        for index, (a, b) in factors.items():
             self.adapter.slots[index].write(a, b)
 
     def deltas(self) -> Iterator[tuple[ResidualWriter, Tensor]]:

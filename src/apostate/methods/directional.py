@@ -105,6 +105,7 @@ class DirectionalMethod:
 
     name = "directional"
     needs_captures = False
+    edits_in_adapter = True
 
     def __init__(self, context: MethodContext):
         self.adapter = context.adapter
