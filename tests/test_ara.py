@@ -138,7 +138,7 @@ def test_zero_steer_leaves_outputs_unchanged_and_reset_is_exact(method_name):
     method.apply(method.suggest(FixedTrial(trial_parameters())))
     edited = logprobs(adapter, tokenizer, texts)
     assert not torch.allclose(edited, base)
-    assert sum(delta.abs().sum() for _, delta in method.deltas()) > 0
+    assert sum(edit.compute().abs().sum() for edit in method.deltas()) > 0
     method.reset()
     assert torch.equal(logprobs(adapter, tokenizer, texts), base)
 
@@ -254,7 +254,7 @@ def test_fused_moe_experts_are_captured_and_edited_per_expert(method_name):
     base = logprobs(adapter, tokenizer, texts)
     method.apply(method.suggest(FixedTrial(trial_parameters(steer=1.0))))
     assert not torch.allclose(logprobs(adapter, tokenizer, texts), base)
-    stacked = {writer.path: delta for writer, delta in method.deltas() if writer.parameter}
+    stacked = {edit.writer.path: edit.compute() for edit in method.deltas() if edit.writer.parameter}
     delta = stacked[adapter.slots[index].writer.path]
     edited = {e for (i, e) in method.context.captures if i == index}
     for e in range(delta.shape[0]):  # experts never reached stay untouched

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .architecture import Architecture, ResidualWriter, stacked_output_dim
+from .architecture import Architecture, ResidualWriter, WriterEdit, stacked_output_dim
 
 ADAPTER = "default"
 
@@ -40,6 +40,17 @@ class AdapterSlot:
             return 1, base.out_features, base.in_features
         experts, first, second = getattr(base, self.writer.parameter).shape
         return (experts, second, first) if stacked_output_dim(base) == 2 else (experts, first, second)
+
+    @property
+    def parameter_shape(self) -> tuple[int, ...]:
+        """The layout of the original parameter, which `delta` follows."""
+        experts, out, inp = self.shape
+        if not self.stacked:
+            return out, inp
+        return (experts, inp, out) if stacked_output_dim(self.module.get_base_layer()) == 2 else (experts, out, inp)
+
+    def edit(self) -> WriterEdit:
+        return WriterEdit(self.writer, self.parameter_shape, self.delta)
 
     def base_weight(self) -> Tensor:
         """The unedited weight, dequantized, as float32 (experts, out, in)."""

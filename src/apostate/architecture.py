@@ -9,10 +9,11 @@ know is reported, never silently skipped; a model where nothing is found is an e
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .errors import ApostateError
 
@@ -40,6 +41,15 @@ class ResidualWriter:
     component: str  # "attn" or "mlp"
     path: str  # module path in the model
     parameter: str | None = None  # name of a stacked (experts, ., .) parameter; None for a Linear
+
+
+@dataclass(frozen=True)
+class WriterEdit:
+    """A writer's edit, computed only when asked (a dense float32 delta can be large)."""
+
+    writer: ResidualWriter
+    shape: tuple[int, ...]  # the layout of the writer's parameter
+    compute: Callable[[], Tensor]
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,8 @@ import torch
 
 from . import __version__
 from .adapter import ADAPTER, Adapter
-from .architecture import ResidualWriter
+from .architecture import WriterEdit
+from .merge import INDEX_NAME, MODEL_FILE_PATTERNS, Checkpoint, copy_model_files, parameter_name, stream_merge
 from .progress import console, track
 from .sources import ModelSource
 
@@ -36,34 +38,80 @@ class TrialSummary:
 
 def save_merged(
     source: ModelSource,
-    deltas: list[tuple[ResidualWriter, torch.Tensor]],
+    edits: Iterable[WriterEdit],
     tokenizer,
     output_dir: Path,
     max_shard_size: str,
     summary: TrialSummary,
     trust_remote_code: bool = False,
 ) -> Path:
-    """Base weights plus `deltas` (each writer's edit, float32, in its parameter's layout)."""
+    """Base weights plus each writer's edit (added in float32, cast back to the stored dtype).
+
+    Streams tensor by tensor through the base's safetensors files where every edit maps onto
+    a stored tensor; otherwise (renamed or fused keys, .bin checkpoints) loads the whole base.
+    """
+    output_dir = _fresh_dir(output_dir)
+    edits_by_name = {parameter_name(edit.writer): edit for edit in edits}
+    folder = _checkpoint_folder(source)
+    checkpoint = Checkpoint.find(folder) if folder else None
+    reason = _why_not_streamable(checkpoint, folder, edits_by_name)
+    if reason is None:
+        console.print(f"Merging shard by shard into [bold]{output_dir}[/]...")
+        computes = {name: edit.compute for name, edit in edits_by_name.items()}
+        stream_merge(checkpoint, computes, output_dir, max_shard_size)
+        copy_model_files(folder, output_dir)
+    else:
+        console.print(f"[yellow]Merging in memory: {reason}.[/]")
+        _merge_in_memory(source, list(edits_by_name.values()), output_dir, max_shard_size, trust_remote_code)
+    tokenizer.save_pretrained(output_dir)
+    _write_card(output_dir, source, summary, merged=True)
+    return output_dir
+
+
+def _checkpoint_folder(source: ModelSource) -> Path | None:
+    """The local folder of the base checkpoint (a hub model comes from the download cache)."""
+    if source.is_local:
+        return Path(source.location)
+    from huggingface_hub import snapshot_download
+
+    try:
+        patterns = ["*.safetensors", INDEX_NAME, *MODEL_FILE_PATTERNS]
+        return Path(snapshot_download(source.location, revision=source.revision, allow_patterns=patterns))
+    except Exception as error:  # offline, gated, no such revision: the in-memory merge reports it properly
+        console.print(f"[yellow]Checkpoint files unavailable for streaming ({type(error).__name__}).[/]")
+        return None
+
+
+def _why_not_streamable(checkpoint: Checkpoint | None, folder: Path | None, edits: dict) -> str | None:
+    if checkpoint is None:
+        return "the base has no local safetensors checkpoint"
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+    if "quantization_config" in config:
+        return "the base checkpoint itself is quantized"
+    for name, edit in edits.items():
+        if reason := checkpoint.mismatch(name, edit.shape):
+            return reason
+    return None
+
+
+def _merge_in_memory(
+    source, edits: list[WriterEdit], output_dir: Path, max_shard_size: str, trust_remote_code: bool
+) -> None:
     from transformers import AutoModelForCausalLM
 
-    output_dir = _fresh_dir(output_dir)
     console.print("Loading the base model at full precision on the CPU to merge into...")
     base = AutoModelForCausalLM.from_pretrained(
         source.location, revision=source.revision, dtype="auto", device_map="cpu", trust_remote_code=trust_remote_code
     )
-    with torch.no_grad(), track("merging", len(deltas)) as advance:
-        for writer, delta in deltas:
-            module = base.get_submodule(writer.path)
-            parameter = getattr(module, writer.parameter or "weight")
-            delta = delta.to(parameter.device)
-            parameter.copy_((parameter.float() + delta).to(parameter.dtype))
+    with torch.no_grad(), track("merging", len(edits)) as advance:
+        for edit in edits:
+            module = base.get_submodule(edit.writer.path)
+            parameter = getattr(module, edit.writer.parameter or "weight")
+            parameter.copy_((parameter.float() + edit.compute().to(parameter.device)).to(parameter.dtype))
             advance(1)
     console.print(f"Saving the merged model to [bold]{output_dir}[/]...")
     base.save_pretrained(output_dir, max_shard_size=max_shard_size)
-    tokenizer.save_pretrained(output_dir)
-    _write_card(output_dir, source, summary, merged=True)
     del base
-    return output_dir
 
 
 def save_adapter(source: ModelSource, adapter: Adapter, tokenizer, output_dir: Path, summary: TrialSummary) -> Path:

@@ -102,7 +102,7 @@ def perform(session, trial, action: str) -> None:
         if action == "save":
             path = save_merged(
                 session.source,
-                list(session.method.deltas()),
+                session.method.deltas(),
                 session.loaded.tokenizer,
                 output,
                 settings.max_shard_size,

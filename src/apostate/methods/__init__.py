@@ -7,9 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Protocol
 
-from torch import Tensor
-
-from ..architecture import ResidualWriter
+from ..architecture import WriterEdit
 from .ara import AraMethod
 from .ara_lora import AraLoraMethod
 from .context import BrokenEdit, MethodContext
@@ -34,8 +32,8 @@ class Method(Protocol):
     def apply(self, parameters) -> None:
         """Write the edit for `parameters` into the (reset) model; BrokenEdit if it is unusable."""
 
-    def deltas(self) -> Iterator[tuple[ResidualWriter, Tensor]]:
-        """The current edit per writer, float32, in the layout of the writer's parameter."""
+    def deltas(self) -> Iterator[WriterEdit]:
+        """The current edit per writer (float32 when computed, in the layout of the writer's parameter)."""
 
     def describe(self, parameters) -> dict:
         """The parameters as plain data, for pareto.json and model cards."""

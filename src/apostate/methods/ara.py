@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..architecture import ResidualWriter, stacked_output_dim
+from ..architecture import WriterEdit, stacked_output_dim
 from ..errors import ApostateError
 from .ara_base import AraMethodBase, AraParameters
 from .ara_objective import fit
@@ -64,15 +64,19 @@ class AraMethod(AraMethodBase):
                 target.copy_((original.float() + delta.to(target.device)).to(target.dtype))
             self.edits[(index, expert)] = delta
 
-    def deltas(self) -> Iterator[tuple[ResidualWriter, Tensor]]:
+    def deltas(self) -> Iterator[WriterEdit]:
         """Per edited writer, ΔW in the layout of its parameter (all experts of a stacked one)."""
         for index in sorted({index for index, _ in self.edits}):
-            slot = self.adapter.slots[index]
-            delta = torch.zeros(self._parameter(index).shape, dtype=torch.float32)
-            for (edited, expert), expert_delta in self.edits.items():
-                if edited == index:
-                    self._oriented(delta, slot, expert).copy_(expert_delta)
-            yield slot.writer, delta
+            shape = tuple(self._parameter(index).shape)
+            yield WriterEdit(self.adapter.slots[index].writer, shape, lambda index=index: self._delta(index))
+
+    def _delta(self, index: int) -> Tensor:
+        slot = self.adapter.slots[index]
+        delta = torch.zeros(self._parameter(index).shape, dtype=torch.float32)
+        for (edited, expert), expert_delta in self.edits.items():
+            if edited == index:
+                self._oriented(delta, slot, expert).copy_(expert_delta)
+        return delta
 
     def _parameter(self, index: int) -> Tensor:
         slot = self.adapter.slots[index]

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from ..architecture import ResidualWriter
+from ..architecture import WriterEdit
 from .ara_base import AraMethodBase, AraParameters
 from .ara_objective import fit
 
@@ -56,6 +56,6 @@ class AraLoraMethod(AraMethodBase):
         for index, (a, b) in factors.items():
             self.adapter.slots[index].write(a, b)
 
-    def deltas(self) -> Iterator[tuple[ResidualWriter, Tensor]]:
+    def deltas(self) -> Iterator[WriterEdit]:
         for slot in self.adapter.slots:
-            yield slot.writer, slot.delta()
+            yield slot.edit()

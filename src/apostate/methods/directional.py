@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..adapter import Adapter
-from ..architecture import ResidualWriter
+from ..architecture import WriterEdit
 from ..directions import direction_at
 from ..kernel import WeightKernel
 from ..settings import SearchSpace
@@ -128,9 +128,9 @@ class DirectionalMethod:
         rank = self.adapter_rank(self.settings)
         apply(self.adapter, self.directions, parameters, self.settings.row_normalization, rank)
 
-    def deltas(self) -> Iterator[tuple[ResidualWriter, Tensor]]:
+    def deltas(self) -> Iterator[WriterEdit]:
         for slot in self.adapter.slots:
-            yield slot.writer, slot.delta()
+            yield slot.edit()
 
     def describe(self, parameters: DirectionalParameters) -> dict:
         return parameters.as_dict()
