@@ -5,9 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from apostate.batching import last_position_logprobs
 from apostate.cli import main
-from apostate.scoring import kl_divergence
+from apostate.scoring import first_token_logprobs, kl_divergence
 from apostate.settings import parse_command_line
 from apostate.startup import Texts, load_prompt_sets
 
@@ -20,13 +19,13 @@ def run_and_save(model: str, run_dir, output, flags: list[str], *selection: str)
 
 def exported_kl(base_folder, output, run_dir, flags: list[str], subset: str = "evaluation") -> float:
     """KL of the exported model against the base on the run's harmless prompts, both loaded plainly."""
-    tokenizer = AutoTokenizer.from_pretrained(output)
+    tokenizer = AutoTokenizer.from_pretrained(output, padding_side="left")
     base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
     exported = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
     settings = parse_command_line([str(base_folder), *flags])
     prefix = torch.load(run_dir / "startup.pt", weights_only=False)["startup"].response_prefix
     texts = Texts(tokenizer, settings, load_prompt_sets(settings), prefix).of("harmless", subset)
     return kl_divergence(
-        last_position_logprobs(base, tokenizer, texts, 8, "cpu"),
-        last_position_logprobs(exported, tokenizer, texts, 8, "cpu"),
+        first_token_logprobs(base, tokenizer, texts, 8, "cpu"),
+        first_token_logprobs(exported, tokenizer, texts, 8, "cpu"),
     )

@@ -8,6 +8,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .batching import batches
+from .prefix_cache import SharedPrefix
+from .speculative import DecodingLimits, ResponsePool, speculative_greedy
 
 # Greedy decoding; the sampling knobs are unset so a model's generation_config cannot turn them on.
 GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
@@ -36,12 +38,44 @@ def generate(
     device,
     stop_when: Callable[[str], bool] | None = None,
     advance: Callable[[int], None] | None = None,
+    pool: ResponsePool | None = None,
+    draft_lengths: tuple[int, int] = (64, 8),
 ) -> list[str]:
     """Greedy responses to already-templated texts, in input order.
 
     With `stop_when`, a sequence stops as soon as its text satisfies it; the caller must
     only pass a condition that more text can never undo (a refusal marker has appeared).
+    With a `pool` of earlier responses, those are checked as drafts and the new responses
+    added to it. Models whose cache cannot be shared take transformers' own generate.
     """
+    shared = SharedPrefix.of(tokenizer, texts)
+    prefix_cache = shared.cache(model, device)
+    if prefix_cache is None:
+        return _generate_plain(model, tokenizer, texts, max_new_tokens, batch_size, device, stop_when, advance)
+    limits = DecodingLimits(max_new_tokens, _stop_ids(model, tokenizer), *draft_lengths)
+    responses: list[str] = [""] * len(texts)
+    order = sorted(range(len(texts)), key=lambda i: len(shared.suffixes[i]))
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        tokens = speculative_greedy(model, tokenizer, shared, prefix_cache, indices, limits, pool, stop_when, device)
+        for index, response in tokens.items():
+            responses[index] = tokenizer.decode(response, skip_special_tokens=True)
+            if pool is not None:
+                pool.add(index, response)
+        if advance:
+            advance(len(indices))
+    return responses
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    """The end-of-sequence ids transformers' generate would stop at."""
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    return set(eos) if isinstance(eos, list) else {eos} if eos is not None else set()
+
+
+def _generate_plain(model, tokenizer, texts, max_new_tokens, batch_size, device, stop_when, advance) -> list[str]:
     responses: list[str] = [""] * len(texts)
     for indices, inputs in batches(tokenizer, texts, batch_size, device):
         prompt_length = inputs["input_ids"].shape[1]

@@ -9,8 +9,10 @@ import torch.nn.functional as F
 
 from .batching import last_position_logprobs
 from .generation import generate
+from .prefix_cache import last_position_logprobs_shared
 from .progress import track
 from .refusals import RefusalDetector
+from .speculative import ResponsePool
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class ScoringSetup:
     batch_size: int
     max_new_tokens: int
     detector: RefusalDetector
+    reuse_responses: bool = True  # draft from earlier responses (exact; see speculative.py)
 
 
 class Scorer:
@@ -44,6 +47,7 @@ class Scorer:
         self.harmful_texts = harmful_texts
         self.label = label
         self.base_logprobs: torch.Tensor | None = None
+        self.pool = ResponsePool(len(harmful_texts)) if setup.reuse_responses else None
 
     def record_base(self, model) -> Scores:
         """Measure the unedited model: its distributions become the KL reference."""
@@ -52,7 +56,7 @@ class Scorer:
 
     def logprobs(self, model) -> torch.Tensor:
         s = self.setup
-        return last_position_logprobs(model, s.tokenizer, self.harmless_texts, s.batch_size, s.device)
+        return first_token_logprobs(model, s.tokenizer, self.harmless_texts, s.batch_size, s.device)
 
     def kl(self, model) -> float:
         """KL(base ‖ model), averaged over the harmless prompts."""
@@ -73,11 +77,18 @@ class Scorer:
                 s.device,
                 stop_when=s.detector.decided if early_stop else None,
                 advance=advance,
+                pool=self.pool,
             )
         return [s.detector.is_refusal(response) for response in responses]
 
     def score(self, model) -> Scores:
         return Scores(self.kl(model), self.count_refusals(model), len(self.harmful_texts))
+
+
+def first_token_logprobs(model, tokenizer, texts: list[str], batch_size: int, device) -> torch.Tensor:
+    """(len(texts), vocab) log-probabilities, computing the shared chat-template prefix once where possible."""
+    shared = last_position_logprobs_shared(model, tokenizer, texts, batch_size, device)
+    return shared if shared is not None else last_position_logprobs(model, tokenizer, texts, batch_size, device)
 
 
 def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:

@@ -237,6 +237,11 @@ class Settings(BaseSettings):
     max_response_tokens: int = Field(
         default=48, ge=1, description="Tokens generated per response when checking for refusals."
     )
+    reuse_responses: bool = Field(
+        default=True,
+        description="Check each prompt's responses from earlier trials as drafts when generating "
+        "(speculative decoding: the responses stay exactly the greedy ones, most take one forward pass).",
+    )
     response_prefix: str | None = Field(
         default=None,
         description="Text every response starts with, skipped before scoring. Unset: detected automatically.",

@@ -131,6 +131,11 @@ def evaluation_scorer(
     tokenizer, device, settings: Settings, batch_size: int, texts: Texts, subset: str = "evaluation"
 ) -> Scorer:
     setup = ScoringSetup(
-        tokenizer, device, batch_size, settings.max_response_tokens, RefusalDetector(settings.refusal_markers)
+        tokenizer,
+        device,
+        batch_size,
+        settings.max_response_tokens,
+        RefusalDetector(settings.refusal_markers),
+        settings.reuse_responses,
     )
     return Scorer(setup, texts.of("harmless", subset), texts.of("harmful", subset), subset)

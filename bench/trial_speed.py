@@ -1,0 +1,83 @@
+"""Time a trial's scoring passes, plain against fast, on a finished run's trials (same verdicts?).
+
+    .venv/bin/python bench/trial_speed.py -- MODEL --run-dir DIR [apostate settings of that run]
+
+Replays the run's trials in order (restore each from the journal) and measures, per trial:
+KL pass plain (every prompt from its first token) and with the shared-prefix cache; refusal
+generation with transformers' generate (early stop on refusal, as before drafts existed) and
+with drafts from earlier responses (the scorer's pool, filled as the replay goes). With
+--full, also generates every response to full length with transformers' generate and checks
+that the fast verdicts equal those.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import optuna
+
+
+def main(argv: list[str]) -> None:
+    from apostate.batching import last_position_logprobs
+    from apostate.generation import _generate_plain
+    from apostate.monitor import PhaseMonitor
+    from apostate.pipeline import run_dir_for, start_session
+    from apostate.scoring import kl_divergence
+    from apostate.settings import parse_command_line
+    from apostate.sources import resolve_source
+
+    full = "--full" in argv
+    args = argv[argv.index("--") + 1 :]
+    settings = parse_command_line(args)
+    source = resolve_source(settings.model, settings.model_revision, settings.cache_path())
+    monitor = PhaseMonitor()
+    session = start_session(settings, source, run_dir_for(settings, source), monitor)
+    monitor.close()
+    scorer, model, s = session.scorer, session.model, session.scorer.setup
+    trials = [t for t in session.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    print(f"{len(trials)} trials; batch size {s.batch_size}; {len(scorer.harmful_texts)} harmful prompts")
+    session.method.reset()
+    scorer.refusal_flags(model)  # the base model's responses seed the pool, as in a run
+    rows = []
+    for trial in trials:
+        session.restore(trial)
+        row = {"trial": trial.number}
+        start = time.perf_counter()
+        plain_logprobs = last_position_logprobs(model, s.tokenizer, scorer.harmless_texts, s.batch_size, s.device)
+        row["kl plain"] = time.perf_counter() - start
+        start = time.perf_counter()
+        fast_logprobs = scorer.logprobs(model)
+        row["kl fast"] = time.perf_counter() - start
+        row["kl diff"] = abs(kl_divergence(scorer.base_logprobs, fast_logprobs)
+                             - kl_divergence(scorer.base_logprobs, plain_logprobs))  # fmt: skip
+        start = time.perf_counter()
+        plain = _generate_plain(model, s.tokenizer, scorer.harmful_texts, s.max_new_tokens, s.batch_size,
+                                s.device, s.detector.decided, None)  # fmt: skip
+        row["gen plain"] = time.perf_counter() - start
+        start = time.perf_counter()
+        fast_flags = scorer.refusal_flags(model)
+        row["gen fast"] = time.perf_counter() - start
+        plain_flags = [s.detector.is_refusal(r) for r in plain]
+        row["same (early stop)"] = plain_flags == fast_flags
+        if full:
+            texts = _generate_plain(model, s.tokenizer, scorer.harmful_texts, s.max_new_tokens, s.batch_size,
+                                    s.device, None, None)  # fmt: skip
+            row["same (full)"] = [s.detector.is_refusal(r) for r in texts] == fast_flags
+        row["refusals"] = sum(fast_flags)
+        rows.append(row)
+        print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    print("\nmedians:")
+    for key in ("kl plain", "kl fast", "gen plain", "gen fast"):
+        print(f"  {key}: {statistics.median(r[key] for r in rows):.2f} s")
+    plain_total = statistics.median(r["kl plain"] + r["gen plain"] for r in rows)
+    fast_total = statistics.median(r["kl fast"] + r["gen fast"] for r in rows)
+    print(f"  scoring per trial: plain {plain_total:.1f} s, fast {fast_total:.1f} s ({plain_total / fast_total:.2f}x)")
+    agree = [k for k in ("same (early stop)", "same (full)") if k in rows[0]]
+    for key in agree:
+        print(f"  {key}: {sum(r[key] for r in rows)}/{len(rows)} trials with identical verdicts")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

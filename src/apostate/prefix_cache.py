@@ -1,0 +1,105 @@
+"""Compute the chat-template prefix that all prompts share once per pass, not once per prompt.
+
+With a system prompt, a third or more of every templated prompt is the same tokens. Their
+keys and values are computed once (they do change with every trial's edit) and copied into
+each batch; each prompt then only runs its own tokens. Prompts are left-padded after the
+prefix, with the padding masked and positions counted over unmasked tokens, so the model
+sees what it would see without the shared cache.
+
+Only plain full-attention caches are shared: sliding-window and recurrent layers count
+slots, not unmasked tokens, so those models take the ordinary path (`SharedPrefix.usable`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class SharedPrefix:
+    """Token ids of every text split into the common prefix and each text's own suffix."""
+
+    prefix: list[int]
+    suffixes: list[list[int]]
+
+    @classmethod
+    def of(cls, tokenizer, texts: list[str]) -> SharedPrefix:
+        ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        length = 0
+        shortest = min(len(row) for row in ids)
+        # Every suffix keeps at least one token: the position whose output is read.
+        while length < shortest - 1 and all(row[length] == ids[0][length] for row in ids):
+            length += 1
+        return cls(ids[0][:length], [row[length:] for row in ids])
+
+    def cache(self, model, device) -> DynamicCache | None:
+        """The prefix's keys and values for batch size 1, or None where they cannot be shared."""
+        if not self.prefix:
+            return DynamicCache(config=model.config) if _plain_cache(DynamicCache(config=model.config)) else None
+        ids = torch.tensor([self.prefix], device=device)
+        output = model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        cache = output.cache
+        return cache if _plain_cache(cache) else None
+
+
+def _plain_cache(cache) -> bool:
+    layers = getattr(cache, "layers", None)
+    if type(cache) is not DynamicCache or layers is None:
+        return False
+    return not any(getattr(layer, "is_sliding", False) or getattr(layer, "is_linear", False) for layer in layers)
+
+
+def batch_cache(prefix_cache: DynamicCache, batch_size: int) -> DynamicCache:
+    cache = copy.deepcopy(prefix_cache)
+    if cache.get_seq_length() > 0:
+        cache.batch_repeat_interleave(batch_size)
+    return cache
+
+
+def left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, mask) with every row right-aligned."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        if row:
+            ids[index, width - len(row) :] = torch.tensor(row)
+            mask[index, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions(mask: torch.Tensor, new: int) -> torch.Tensor:
+    """Position ids of the last `new` slots: the count of unmasked slots before each."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)[:, -new:]
+
+
+@torch.inference_mode()
+def last_position_logprobs_shared(model, tokenizer, texts: list[str], batch_size: int, device) -> torch.Tensor | None:
+    """As batching.last_position_logprobs, computing the shared prefix once; None if it cannot."""
+    shared = SharedPrefix.of(tokenizer, texts)
+    prefix_cache = shared.cache(model, device)
+    if prefix_cache is None:
+        return None
+    order = sorted(range(len(texts)), key=lambda i: len(shared.suffixes[i]))
+    rows: list[torch.Tensor | None] = [None] * len(texts)
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        ids, chunk_mask = left_padded([shared.suffixes[i] for i in indices], tokenizer.pad_token_id, device)
+        prefix_mask = torch.ones((len(indices), len(shared.prefix)), dtype=torch.long, device=device)
+        mask = torch.cat([prefix_mask, chunk_mask], dim=1)
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions(mask, ids.shape[1]),
+            cache=batch_cache(prefix_cache, len(indices)),
+            use_cache=True,
+            logits_to_keep=1,
+        ).logits[:, -1, :]
+        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+        for row, index in enumerate(indices):
+            rows[index] = logprobs[row]
+    return torch.stack(rows)

@@ -1,0 +1,106 @@
+"""Fast scoring paths give what the plain paths give: shared-prefix cache, drafts from earlier responses."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from tiny import tiny_model
+
+from apostate.batching import last_position_logprobs
+from apostate.generation import _generate_plain, generate
+from apostate.prefix_cache import SharedPrefix, last_position_logprobs_shared
+from apostate.speculative import ResponsePool
+
+PROMPTS = ["hi", "tell me a story about a dragon", "why?", "list three colours", "a", "how do magnets work, briefly"]
+TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    # Larger weights than the default init: decisive logits, so float noise cannot flip an argmax.
+    model, tokenizer = tiny_model("qwen2", layers=2, seed=4, initializer_range=0.3)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    tokenizer.padding_side = "left"  # as loading sets it
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "system", "content": "You are terse."}, {"role": "user", "content": p}],
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        for p in PROMPTS
+    ]
+    return model, tokenizer, texts
+
+
+def plain(model, tokenizer, texts, stop_when=None):
+    return _generate_plain(model, tokenizer, texts, TOKENS, 4, "cpu", stop_when, None)
+
+
+def test_the_shared_prefix_is_the_common_template_head(tiny):
+    _, tokenizer, texts = tiny
+    shared = SharedPrefix.of(tokenizer, texts)
+    assert tokenizer.decode(shared.prefix) == "<|im_start|>system\nYou are terse.<|im_end|>\n<|im_start|>user\n"
+    full = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert all(shared.prefix + suffix == row for suffix, row in zip(shared.suffixes, full, strict=True))
+
+
+def test_first_token_distributions_with_a_shared_prefix_equal_the_plain_pass(tiny):
+    model, tokenizer, texts = tiny
+    plain_logprobs = last_position_logprobs(model, tokenizer, texts, 4, "cpu")
+    shared_logprobs = last_position_logprobs_shared(model, tokenizer, texts, 4, "cpu")
+    assert torch.allclose(plain_logprobs, shared_logprobs, atol=1e-5)
+
+
+def corrupted(responses: list[list[int]], seed: int) -> list[list[int]]:
+    """Each response with one token changed somewhere, or cut short, or replaced by noise."""
+    rng = random.Random(seed)
+    out = []
+    for tokens in responses:
+        tokens = list(tokens)
+        kind = rng.choice(["change", "cut", "noise"])
+        if kind == "change" and tokens:
+            tokens[rng.randrange(len(tokens))] = rng.randrange(3, 200)
+        elif kind == "cut":
+            tokens = tokens[: rng.randrange(len(tokens) + 1)]
+        else:
+            tokens = [rng.randrange(3, 200) for _ in range(TOKENS)]
+        out.append(tokens)
+    return out
+
+
+def test_greedy_responses_equal_transformers_generate_with_any_drafts(tiny):
+    model, tokenizer, texts = tiny
+    expected = plain(model, tokenizer, texts)
+    recorded = ResponsePool(len(texts))
+    assert generate(model, tokenizer, texts, TOKENS, 4, "cpu", pool=recorded) == expected  # no drafts yet
+    exact = [responses[0] for responses in recorded.responses]
+    for seed in range(4):  # wrong drafts of every kind, newest first, then the exact ones behind them
+        pool = ResponsePool(len(texts))
+        for index, tokens in enumerate(corrupted(exact, seed)):
+            pool.add(index, tokens)
+        assert generate(model, tokenizer, texts, TOKENS, 4, "cpu", pool=pool) == expected
+
+
+def test_correct_drafts_take_one_forward_pass_per_batch(tiny, monkeypatch):
+    model, tokenizer, texts = tiny
+    pool = ResponsePool(len(texts))
+    first = generate(model, tokenizer, texts, TOKENS, 3, "cpu", pool=pool)  # fills the pool
+    calls = []
+    original = model.forward
+    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    assert generate(model, tokenizer, texts, TOKENS, 3, "cpu", pool=pool) == first
+    # One pass for the shared prefix, one per batch of 3: every draft was accepted whole.
+    assert len(calls) == 1 + 2
+
+
+def test_early_stop_gives_the_verdicts_of_full_generation(tiny):
+    model, tokenizer, texts = tiny
+    full = plain(model, tokenizer, texts)
+    # A "marker" that some responses contain: the second character of the first response.
+    marker = full[0][1:3]
+    decided = lambda text: marker in text  # noqa: E731
+    fast = generate(model, tokenizer, texts, TOKENS, 4, "cpu", stop_when=decided, pool=ResponsePool(len(texts)))
+    assert [marker in r for r in fast] == [marker in r for r in full]
+    assert any(len(f) < len(r) for f, r in zip(fast, full, strict=True))  # some stopped early
