@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/trial_speed.py -- MODEL --run-dir DIR [apostate settings of that run]
 
-Replays the run's trials in order (restore each from the journal) and measures, per trial:
+Replays the run's finished trials in order (or, in a run without any, --trials N random ones
+from the method's search space, seed 0) and measures, per trial:
 KL pass plain (every prompt from its first token) and with the shared-prefix cache; refusal
 generation with transformers' generate (early stop on refusal, as before drafts existed) and
 with drafts from earlier responses (the scorer's pool, filled as the replay goes). With
@@ -12,6 +13,7 @@ that the fast verdicts equal those.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import time
@@ -29,21 +31,31 @@ def main(argv: list[str]) -> None:
     from apostate.sources import resolve_source
 
     full = "--full" in argv
+    count = int(argv[argv.index("--trials") + 1]) if "--trials" in argv else 6
     args = argv[argv.index("--") + 1 :]
     settings = parse_command_line(args)
     source = resolve_source(settings.model, settings.model_revision, settings.cache_path())
     monitor = PhaseMonitor()
-    session = start_session(settings, source, run_dir_for(settings, source), monitor)
+    run_dir = run_dir_for(settings, source)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    session = start_session(settings, source, run_dir, monitor)
     monitor.close()
     scorer, model, s = session.scorer, session.model, session.scorer.setup
-    trials = [t for t in session.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    trials = [t.params for t in session.study.trials if t.state == optuna.trial.TrialState.COMPLETE][:count]
+    if not trials:
+        sampler = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        for _ in range(count):
+            trial = sampler.ask()
+            session.method.suggest(trial)
+            trials.append(trial.params)
     print(f"{len(trials)} trials; batch size {s.batch_size}; {len(scorer.harmful_texts)} harmful prompts")
     session.method.reset()
     scorer.refusal_flags(model)  # the base model's responses seed the pool, as in a run
     rows = []
-    for trial in trials:
-        session.restore(trial)
-        row = {"trial": trial.number}
+    for number, params in enumerate(trials):
+        session.method.reset()
+        session.method.apply(session.method.suggest(optuna.trial.FixedTrial(params)))
+        row = {"trial": number}
         start = time.perf_counter()
         plain_logprobs = last_position_logprobs(model, s.tokenizer, scorer.harmless_texts, s.batch_size, s.device)
         row["kl plain"] = time.perf_counter() - start
@@ -57,8 +69,12 @@ def main(argv: list[str]) -> None:
                                 s.device, s.detector.decided, None)  # fmt: skip
         row["gen plain"] = time.perf_counter() - start
         start = time.perf_counter()
+        before = dataclasses.replace(scorer.pool.stats)
         fast_flags = scorer.refusal_flags(model)
         row["gen fast"] = time.perf_counter() - start
+        after = scorer.pool.stats
+        row["passes"] = after.passes - before.passes
+        row["kept"] = f"{after.accepted - before.accepted}/{after.proposed - before.proposed}"
         plain_flags = [s.detector.is_refusal(r) for r in plain]
         row["same (early stop)"] = plain_flags == fast_flags
         if full:

@@ -11,7 +11,7 @@ from tiny import tiny_model
 from apostate.batching import last_position_logprobs
 from apostate.generation import _generate_plain, generate
 from apostate.prefix_cache import SharedPrefix, last_position_logprobs_shared
-from apostate.speculative import ResponsePool
+from apostate.speculative import PassCost, ResponsePool, _best_width
 
 PROMPTS = ["hi", "tell me a story about a dragon", "why?", "list three colours", "a", "how do magnets work, briefly"]
 TOKENS = 12
@@ -87,6 +87,7 @@ def test_correct_drafts_take_one_forward_pass_per_batch(tiny, monkeypatch):
     model, tokenizer, texts = tiny
     pool = ResponsePool(len(texts))
     first = generate(model, tokenizer, texts, TOKENS, 3, "cpu", pool=pool)  # fills the pool
+    pool.stats.accepted = 1000  # a history of drafts that were right: long drafts pay
     calls = []
     original = model.forward
     monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
@@ -104,3 +105,15 @@ def test_early_stop_gives_the_verdicts_of_full_generation(tiny):
     fast = generate(model, tokenizer, texts, TOKENS, 4, "cpu", stop_when=decided, pool=ResponsePool(len(texts)))
     assert [marker in r for r in fast] == [marker in r for r in full]
     assert any(len(f) < len(r) for f, r in zip(fast, full, strict=True))  # some stopped early
+
+
+def test_draft_width_follows_acceptance_and_the_cost_of_wide_passes():
+    drafts = [[1] * 20] * 16
+    cpu = PassCost()  # no samples yet: the 2-core CPU default
+    assert _best_width(drafts, 1, acceptance=0.1, cost=cpu) == 0  # wrong drafts only cost
+    assert _best_width(drafts, 1, acceptance=0.99, cost=cpu) == 20  # right drafts save passes
+    gpu = PassCost()
+    for tokens in (16, 128, 512):  # a pass costs about the same whatever its width
+        gpu.add(tokens, 0.02 + 1e-6 * tokens)
+    assert _best_width(drafts, 1, acceptance=0.5, cost=gpu) >= 8
+    assert _best_width(drafts, 1, acceptance=0.5, cost=cpu) < 8

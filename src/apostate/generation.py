@@ -39,7 +39,6 @@ def generate(
     stop_when: Callable[[str], bool] | None = None,
     advance: Callable[[int], None] | None = None,
     pool: ResponsePool | None = None,
-    draft_lengths: tuple[int, int] = (64, 8),
 ) -> list[str]:
     """Greedy responses to already-templated texts, in input order.
 
@@ -52,19 +51,15 @@ def generate(
     prefix_cache = shared.cache(model, device)
     if prefix_cache is None:
         return _generate_plain(model, tokenizer, texts, max_new_tokens, batch_size, device, stop_when, advance)
-    limits = DecodingLimits(max_new_tokens, _stop_ids(model, tokenizer), *draft_lengths)
-    responses: list[str] = [""] * len(texts)
+    limits = DecodingLimits(max_new_tokens, _stop_ids(model, tokenizer))
     order = sorted(range(len(texts)), key=lambda i: len(shared.suffixes[i]))
-    for start in range(0, len(order), batch_size):
-        indices = order[start : start + batch_size]
-        tokens = speculative_greedy(model, tokenizer, shared, prefix_cache, indices, limits, pool, stop_when, device)
-        for index, response in tokens.items():
-            responses[index] = tokenizer.decode(response, skip_special_tokens=True)
-            if pool is not None:
-                pool.add(index, response)
-        if advance:
-            advance(len(indices))
-    return responses
+    tokens = speculative_greedy(
+        model, tokenizer, shared, prefix_cache, order, batch_size, limits, pool, stop_when, device, advance
+    )
+    for index, response in tokens.items():
+        if pool is not None:
+            pool.add(index, response)
+    return [tokenizer.decode(tokens[index], skip_special_tokens=True) for index in range(len(texts))]
 
 
 def _stop_ids(model, tokenizer) -> set[int]:

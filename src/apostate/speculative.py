@@ -16,12 +16,58 @@ the batch, so the rest decode faster.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from .prefix_cache import SharedPrefix, batch_cache, left_padded, positions
+from .prefix_cache import SharedPrefix, batch_cache, positions
+
+
+@dataclass
+class DraftStats:
+    """How well drafting paid: forward passes, and draft tokens offered and kept."""
+
+    passes: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    cut: int = 0  # drafts rejected before their end
+    generated: int = 0
+
+    def acceptance(self) -> float:
+        """Chance that a draft token is right given the ones before it were (geometric model)."""
+        return (self.accepted + 1) / (self.accepted + self.cut + 2)
+
+
+class PassCost:
+    """Seconds per forward pass as a + b * (tokens in the pass), fitted to the passes so far.
+
+    Drafting pays where a pass of many tokens costs little more than one of a token per row,
+    which holds on GPUs and much less on CPUs; the fit tells which this machine is.
+    """
+
+    def __init__(self, history: int = 256):
+        self.samples: list[tuple[int, float]] = []
+        self.history = history
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.samples.append((tokens, seconds))
+        del self.samples[: -self.history]
+
+    def coefficients(self) -> tuple[float, float]:
+        if len({tokens for tokens, _ in self.samples}) >= 3:
+            x = torch.tensor([[1.0, tokens] for tokens, _ in self.samples], dtype=torch.float64)
+            y = torch.tensor([seconds for _, seconds in self.samples], dtype=torch.float64)
+            a, b = torch.linalg.lstsq(x, y.unsqueeze(1)).solution.squeeze(1).tolist()
+            if a > 0 and b > 0:
+                return a, b
+        return 1.0, 0.015  # a 2-core CPU on a 0.5B model: 16 rows x 8 tokens cost 2.3 times 16 x 1
+
+    def __str__(self) -> str:
+        kept = self.accepted / self.proposed if self.proposed else 0.0
+        return (f"{self.generated} tokens in {self.passes} passes; "
+                f"draft tokens kept {self.accepted}/{self.proposed} ({kept:.0%})")  # fmt: skip
 
 
 class ResponsePool:
@@ -30,6 +76,8 @@ class ResponsePool:
     def __init__(self, size: int, per_prompt: int = 8):
         self.responses: list[list[list[int]]] = [[] for _ in range(size)]
         self.per_prompt = per_prompt
+        self.stats = DraftStats()
+        self.cost = PassCost()
 
     def add(self, index: int, tokens: list[int]) -> None:
         pool = self.responses[index]
@@ -38,18 +86,31 @@ class ResponsePool:
         pool.insert(0, tokens)
         del pool[self.per_prompt :]
 
-    def draft(self, index: int, known: list[int], length: int) -> list[int]:
-        """Up to `length` tokens that followed `known` in the newest response that starts with it."""
+    def draft(self, index: int, known: list[int], length: int, anchor: int = 3) -> list[int]:
+        """Up to `length` tokens to guess what follows `known`.
+
+        From the newest response that starts with `known`; failing that (the responses
+        diverged), from where the last `anchor` known tokens occur in a response, nearest
+        the same position, as in prompt lookup decoding.
+        """
         n = len(known)
         for response in self.responses[index]:
             if len(response) > n and response[:n] == known:
                 return response[n : n + length]
-        return []
+        if n < anchor:
+            return []
+        tail, best, best_shift = known[-anchor:], None, None
+        for response in self.responses[index]:
+            for end in range(anchor, len(response)):
+                if response[end - anchor : end] == tail and (best_shift is None or abs(end - n) < best_shift):
+                    best, best_shift = response[end : end + length], abs(end - n)
+        return best or []
 
 
 @dataclass
 class _Sequence:
     index: int  # into the caller's texts
+    head: list[int]  # tokens to feed next before the draft: the prompt's own tokens, then the last known one
     known: list[int] = field(default_factory=list)  # response tokens known to be the model's greedy ones
     done: bool = False
 
@@ -58,8 +119,6 @@ class _Sequence:
 class DecodingLimits:
     max_new_tokens: int
     stop_ids: set[int]  # end-of-sequence token ids
-    first_draft: int  # draft length in the first pass (the whole response fits)
-    later_draft: int  # draft length after a mismatch
 
 
 @torch.inference_mode()
@@ -68,53 +127,151 @@ def speculative_greedy(
     tokenizer,
     shared: SharedPrefix,
     prefix_cache,
-    indices: list[int],
+    order: list[int],
+    window: int,
     limits: DecodingLimits,
     pool: ResponsePool | None,
     decided: Callable[[str], bool] | None,
     device,
+    advance: Callable[[int], None] | None = None,
 ) -> dict[int, list[int]]:
-    """Greedy response tokens for the texts at `indices` (one batch), keyed by index."""
-    sequences = [_Sequence(index) for index in indices]
-    cache = batch_cache(prefix_cache, len(indices))
-    ids, chunk_mask = left_padded([shared.suffixes[i] for i in indices], tokenizer.pad_token_id, device)
-    mask = torch.ones((len(indices), len(shared.prefix)), dtype=torch.long, device=device)  # grows with the cache
-    pending: list[list[int]] = [[] for _ in sequences]  # the known token not yet in the cache
+    """Greedy response tokens for the texts at `order`, keyed by index; at most `window` at a time.
+
+    A finished sequence leaves the batch; once half the window is free, the next prompts join
+    (their prompt tokens go through in the same pass as the others' drafts), so the passes stay
+    full instead of a few slow sequences holding up a whole batch.
+    """
+    waiting = [_Sequence(index, list(shared.suffixes[index])) for index in order]
+    waiting.reverse()
+    active: list[_Sequence] = []
+    batch = _Batch(prefix_cache, len(shared.prefix), device)
     results: dict[int, list[int]] = {}
-    first = True
-    while sequences:
-        length = limits.first_draft if first else limits.later_draft
-        drafts = [_draft(pool, s, min(length, limits.max_new_tokens - len(s.known) - 1)) for s in sequences]
-        width = max(len(d) for d in drafts)
-        if not first:
-            ids, chunk_mask = left_padded([p[-1:] for p in pending], tokenizer.pad_token_id, device)
-        draft_ids, draft_mask = _right_padded(drafts, width, tokenizer.pad_token_id, device)
-        ids, chunk_mask = torch.cat([ids, draft_ids], 1), torch.cat([chunk_mask, draft_mask], 1)
-        mask = torch.cat([mask, chunk_mask], 1)
+    stats = pool.stats if pool is not None else DraftStats()
+    while waiting or active:
+        if waiting and len(active) <= window // 2:
+            joining = [waiting.pop() for _ in range(min(window - len(active), len(waiting)))]
+            batch.add_rows(len(joining))
+            active += joining
+        drafts = [_draft(pool, s, limits.max_new_tokens - len(s.known) - 1) for s in active]
+        if pool is not None:
+            width = _best_width(drafts, max(len(s.head) for s in active), stats.acceptance(), pool.cost)
+            drafts = [draft[:width] for draft in drafts]
+        start = time.perf_counter()
+        predicted = batch.step(model, [s.head for s in active], drafts, tokenizer.pad_token_id)
+        if pool is not None:
+            pool.cost.add(batch.mask.shape[0] * (batch.anchor + batch.draft_width), time.perf_counter() - start)
+        stats.passes += 1
+        for row, (sequence, draft) in enumerate(zip(active, drafts, strict=True)):
+            accepted = _accepted(draft, predicted[row])
+            stats.proposed += len(draft)
+            stats.accepted += accepted
+            stats.cut += accepted < len(draft)
+            batch.hide_rejected(row, len(draft), accepted)
+            sequence.known += draft[:accepted] + [predicted[row][accepted]]
+            sequence.head = sequence.known[-1:]
+            _finish(sequence, tokenizer, limits, decided)
+        finished = [s for s in active if s.done]
+        if finished:
+            results.update({s.index: s.known for s in finished})
+            stats.generated += sum(len(s.known) for s in finished)
+            if advance:
+                advance(len(finished))
+            batch.keep([row for row, s in enumerate(active) if not s.done])
+            active = [s for s in active if not s.done]
+    return results
+
+
+class _Batch:
+    """The key/value cache and attention mask of the sequences in flight, row for row."""
+
+    def __init__(self, prefix_cache, prefix_length: int, device):
+        self.prefix_cache = prefix_cache
+        self.prefix_length = prefix_length
+        self.device = device
+        self.cache = None
+        self.mask = torch.zeros((0, prefix_length), dtype=torch.long, device=device)
+        self.draft_width = 0
+        self.anchor = 0
+
+    def add_rows(self, count: int) -> None:
+        """New rows hold the shared prefix, right-aligned to the slots the others already have."""
+        if self.cache is None or self.cache.get_seq_length() == 0:
+            self.cache = batch_cache(self.prefix_cache, count)
+            self.mask = torch.ones((count, self.prefix_length), dtype=torch.long, device=self.device)
+            return
+        gap = self.mask.shape[1] - self.prefix_length
+        for layer, prefix_layer in zip(self.cache.layers, self._prefix_layers(), strict=True):
+            layer.keys = torch.cat([layer.keys, _new_rows(layer.keys, prefix_layer[0], count, gap)])
+            layer.values = torch.cat([layer.values, _new_rows(layer.values, prefix_layer[1], count, gap)])
+        rows = torch.cat([torch.zeros((count, gap), dtype=torch.long), torch.ones((count, self.prefix_length),
+                          dtype=torch.long)], 1).to(self.device)  # fmt: skip
+        self.mask = torch.cat([self.mask, rows])
+
+    def _prefix_layers(self):
+        if self.prefix_length == 0:
+            return [(None, None)] * len(self.cache.layers)
+        return [(layer.keys, layer.values) for layer in self.prefix_cache.layers]
+
+    def step(self, model, heads: list[list[int]], drafts: list[list[int]], pad_id: int) -> list[list[int]]:
+        """One forward pass over each row's head and draft; row r, column j: the model's token after draft[:j]."""
+        anchor = self.anchor = max(len(head) for head in heads)  # right-aligned: last tokens share a column
+        self.draft_width = max(len(draft) for draft in drafts)
+        width = anchor + self.draft_width
+        ids = torch.full((len(heads), width), pad_id, dtype=torch.long)
+        chunk_mask = torch.zeros((len(heads), width), dtype=torch.long)
+        for row, (head, draft) in enumerate(zip(heads, drafts, strict=True)):
+            tokens = head + draft
+            ids[row, anchor - len(head) : anchor - len(head) + len(tokens)] = torch.tensor(tokens)
+            chunk_mask[row, anchor - len(head) : anchor - len(head) + len(tokens)] = 1
+        ids, chunk_mask = ids.to(self.device), chunk_mask.to(self.device)
+        self.mask = torch.cat([self.mask, chunk_mask], 1)
         output = model(
             input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions(mask, ids.shape[1]),
-            cache=cache,
+            attention_mask=self.mask,
+            position_ids=positions(self.mask, width),
+            cache=self.cache,
             use_cache=True,
-            logits_to_keep=width + 1,
+            logits_to_keep=self.draft_width + 1,
         )
-        predicted = output.logits.argmax(-1).tolist()  # row r, column j: the model's token after draft[:j]
-        for row, (sequence, draft) in enumerate(zip(sequences, drafts, strict=True)):
-            accepted = _accepted(draft, predicted[row])
-            mask[row, mask.shape[1] - width + accepted :] = 0  # rejected draft tokens become invisible
-            sequence.known += draft[:accepted] + [predicted[row][accepted]]
-            pending[row] = sequence.known[-1:]
-            _finish(sequence, tokenizer, limits, decided)
-        first = False
-        results.update({s.index: s.known for s in sequences if s.done})
-        keep = [row for row, s in enumerate(sequences) if not s.done]
-        if keep and len(keep) < len(sequences):
-            cache.batch_select_indices(torch.tensor(keep, device=device))
-            mask = mask[keep]
-        sequences = [sequences[row] for row in keep]
-        pending = [pending[row] for row in keep]
-    return results
+        self.cache = output.cache
+        return output.logits.argmax(-1).tolist()
+
+    def hide_rejected(self, row: int, draft_length: int, accepted: int) -> None:
+        """Rejected draft tokens stay in the cache, masked: later tokens never see them."""
+        first_draft_slot = self.mask.shape[1] - self.draft_width
+        self.mask[row, first_draft_slot + accepted : first_draft_slot + draft_length] = 0
+
+    def keep(self, rows: list[int]) -> None:
+        if rows:
+            self.cache.batch_select_indices(torch.tensor(rows, device=self.device))
+            self.mask = self.mask[rows]
+        else:
+            self.cache, self.mask = None, self.mask[:0, : self.prefix_length]
+
+
+def _new_rows(existing: torch.Tensor, prefix: torch.Tensor | None, count: int, gap: int) -> torch.Tensor:
+    """(count, heads, slots, dim): masked zeros, then the prefix's keys or values."""
+    batch, heads, _, dim = existing.shape
+    parts = [existing.new_zeros((count, heads, gap, dim))]
+    if prefix is not None:
+        parts.append(prefix.expand(count, -1, -1, -1))
+    return torch.cat(parts, 2)
+
+
+def _best_width(drafts: list[list[int]], anchor: int, acceptance: float, cost: PassCost) -> int:
+    """The draft width that yields the most expected tokens per second in this pass."""
+    a, b = cost.coefficients()
+    rows, longest = len(drafts), max(len(draft) for draft in drafts)
+    best, best_rate = 0, 0.0
+    for width in sorted({0, 1, 2, 4, 8, 16, 32, longest}):
+        if width > longest:
+            continue
+        # Expected tokens: each row's own next token, plus draft tokens until the first wrong one.
+        expected = sum(1 + sum(acceptance**k for k in range(1, min(width, len(draft)) + 1)) for draft in drafts)
+        rate = expected / (a + b * rows * (anchor + width))
+        if rate > best_rate:
+            best, best_rate = width, rate
+    return best
 
 
 def _draft(pool: ResponsePool | None, sequence: _Sequence, length: int) -> list[int]:
@@ -128,15 +285,6 @@ def _accepted(draft: list[int], predicted: list[int]) -> int:
     while count < len(draft) and draft[count] == predicted[count]:
         count += 1
     return count
-
-
-def _right_padded(rows: list[list[int]], width: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, row in enumerate(rows):
-        ids[index, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[index, : len(row)] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _finish(sequence: _Sequence, tokenizer, limits: DecodingLimits, decided) -> None:
