@@ -75,7 +75,7 @@ def test_greedy_responses_equal_transformers_generate_with_any_drafts(tiny):
     expected = plain(model, tokenizer, texts)
     recorded = ResponsePool(len(texts))
     assert generate(model, tokenizer, texts, TOKENS, 4, "cpu", pool=recorded) == expected  # no drafts yet
-    exact = [responses[0] for responses in recorded.responses]
+    exact = [responses[0][1] for responses in recorded.responses]  # (model, tokens), newest first
     for seed in range(4):  # wrong drafts of every kind, newest first, then the exact ones behind them
         pool = ResponsePool(len(texts))
         for index, tokens in enumerate(corrupted(exact, seed)):
@@ -117,3 +117,17 @@ def test_draft_width_follows_acceptance_and_the_cost_of_wide_passes():
         gpu.add(tokens, 0.02 + 1e-6 * tokens)
     assert _best_width(drafts, 1, acceptance=0.5, cost=gpu) >= 8
     assert _best_width(drafts, 1, acceptance=0.5, cost=cpu) < 8
+
+
+def test_drafts_come_from_the_nearest_earlier_model_first():
+    pool = ResponsePool(1)
+    near, far = torch.zeros(2, 3), torch.full((2, 3), 5.0)
+    pool.begin(near)
+    pool.add(0, [1, 2, 3, 4])
+    pool.begin(far)
+    pool.add(0, [1, 2, 9, 9])
+    pool.begin(far + 0.1)  # like the newest model
+    assert pool.draft(0, [1, 2], 2) == [9, 9]
+    pool.begin(near + 0.1)  # like the first model, although its response is older
+    assert pool.draft(0, [1, 2], 2) == [3, 4]
+    assert pool.draft(0, [5, 5, 5], 2) == []  # nothing known matches: no draft

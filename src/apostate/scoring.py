@@ -14,6 +14,8 @@ from .progress import track
 from .refusals import RefusalDetector
 from .speculative import ResponsePool
 
+SIGNATURE_TOKENS = 16
+
 
 @dataclass(frozen=True)
 class Scores:
@@ -48,11 +50,18 @@ class Scorer:
         self.label = label
         self.base_logprobs: torch.Tensor | None = None
         self.pool = ResponsePool(len(harmful_texts)) if setup.reuse_responses else None
+        self._signature: torch.Tensor | None = None  # of the model whose KL was measured last
 
     def record_base(self, model) -> Scores:
         """Measure the unedited model: its distributions become the KL reference."""
         self.base_logprobs = self.logprobs(model)
+        self._signature = self._signature_of(self.base_logprobs)
         return Scores(0.0, self.count_refusals(model), len(self.harmful_texts))
+
+    def _signature_of(self, logprobs: torch.Tensor) -> torch.Tensor:
+        """A model's log-probabilities of the base's likeliest first tokens: nearby models write alike."""
+        top = self.base_logprobs.topk(SIGNATURE_TOKENS, dim=-1).indices
+        return logprobs.gather(1, top)
 
     def logprobs(self, model) -> torch.Tensor:
         s = self.setup
@@ -60,13 +69,18 @@ class Scorer:
 
     def kl(self, model) -> float:
         """KL(base ‖ model), averaged over the harmless prompts."""
-        return kl_divergence(self.base_logprobs, self.logprobs(model))
+        logprobs = self.logprobs(model)
+        self._signature = self._signature_of(logprobs)
+        return kl_divergence(self.base_logprobs, logprobs)
 
     def count_refusals(self, model) -> int:
         return sum(self.refusal_flags(model))
 
     def refusal_flags(self, model, early_stop: bool = True) -> list[bool]:
         s = self.setup
+        if self.pool is not None:
+            self.pool.begin(self._signature)
+            self._signature = None
         with track(f"{self.label}: refusals", len(self.harmful_texts)) as advance:
             responses = generate(
                 model,

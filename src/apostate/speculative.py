@@ -71,20 +71,42 @@ class PassCost:
 
 
 class ResponsePool:
-    """Earlier responses (token ids) per prompt, newest first, to draft from."""
+    """Earlier responses (token ids) per prompt, to draft from.
+
+    Each response is tagged with a signature of the model that wrote it (its first-token
+    log-probabilities on the KL prompts, see Scorer). Drafts come first from the responses
+    of the model nearest to the current one: nearby trials write nearly the same text.
+    Without signatures, newest first.
+    """
 
     def __init__(self, size: int, per_prompt: int = 8):
-        self.responses: list[list[list[int]]] = [[] for _ in range(size)]
+        self.responses: list[list[tuple[int, list[int]]]] = [[] for _ in range(size)]  # (model, tokens)
         self.per_prompt = per_prompt
+        self.signatures: list[torch.Tensor | None] = []
+        self.rank: dict[int, float] = {}  # model -> distance to the current one
         self.stats = DraftStats()
         self.cost = PassCost()
 
+    def begin(self, signature: torch.Tensor | None = None) -> None:
+        """A new model is about to generate: rank the earlier ones by nearness to it."""
+        self.signatures.append(signature)
+        current = len(self.signatures) - 1
+        self.rank = {
+            model: (float((signature - other).norm()) if signature is not None and other is not None else 0.0)
+            - model * 1e-9  # ties: the newest first
+            for model, other in enumerate(self.signatures)
+        }
+        self.rank[current] = float("-inf")
+
     def add(self, index: int, tokens: list[int]) -> None:
-        pool = self.responses[index]
-        if tokens in pool:
-            pool.remove(tokens)
-        pool.insert(0, tokens)
-        del pool[self.per_prompt :]
+        if not self.signatures:
+            self.begin()
+        pool = [(model, old) for model, old in self.responses[index] if old != tokens]
+        self.responses[index] = [(len(self.signatures) - 1, tokens), *pool][: self.per_prompt]
+
+    def _ranked(self, index: int) -> list[list[int]]:
+        entries = sorted(self.responses[index], key=lambda entry: self.rank.get(entry[0], 0.0))
+        return [tokens for _, tokens in entries]
 
     def draft(self, index: int, known: list[int], length: int, anchor: int = 3) -> list[int]:
         """Up to `length` tokens to guess what follows `known`.
@@ -94,13 +116,14 @@ class ResponsePool:
         the same position, as in prompt lookup decoding.
         """
         n = len(known)
-        for response in self.responses[index]:
+        responses = self._ranked(index)
+        for response in responses:
             if len(response) > n and response[:n] == known:
                 return response[n : n + length]
         if n < anchor:
             return []
         tail, best, best_shift = known[-anchor:], None, None
-        for response in self.responses[index]:
+        for response in responses:
             for end in range(anchor, len(response)):
                 if response[end - anchor : end] == tail and (best_shift is None or abs(end - n) < best_shift):
                     best, best_shift = response[end : end + length], abs(end - n)
