@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,7 +55,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--system-prompt", default="You are a helpful assistant.")
     p.add_argument("--markers", choices=["apostate", "own"], default="apostate")
-    p.add_argument("--only", choices=["both", "apostate", "heretic"], default="both")
+    p.add_argument(
+        "--only",
+        choices=["both", "apostate", "heretic"],
+        default="both",
+        help="run one tool; the other's results come from summary.json of an earlier run in --workdir",
+    )
     p.add_argument("--workdir", type=Path, help="default: a new temp folder")
     p.add_argument("--apostate", type=Path, default=REPO / ".venv/bin/apostate")
     p.add_argument("--heretic", type=Path, default=Path("/work/heretic-venv/bin/heretic"))
@@ -303,7 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     work = (args.workdir or Path(tempfile.mkdtemp(prefix="side-by-side-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
     files = split_prompt_files(args, work)
-    results: dict[str, dict] = {}
+    # A tool left out with --only keeps its results from an earlier run in this folder.
+    earlier = work / "summary.json"
+    results: dict[str, dict] = json.loads(earlier.read_text()) if earlier.is_file() and args.only != "both" else {}
     checkpoints = work / "heretic" / "checkpoints"
     jobs = {
         "apostate": (
@@ -321,16 +329,19 @@ def main(argv: list[str] | None = None) -> None:
         if args.only not in ("both", name):
             continue
         cwd = work / name
-        cwd.mkdir(exist_ok=True)
+        if cwd.exists():
+            shutil.rmtree(cwd)  # a fresh run: an old run folder would only be resumed
+        cwd.mkdir()
         if name == "heretic":
             (cwd / "config.toml").write_text(heretic_config(args, files), encoding="utf-8")
         run = run_tool(cmd, cwd, tool_env(name), find_journal, args.n_trials, args.grace)
         results[name] = run | read_results(run["journal"], run["started"], *keys)
     for name, r in results.items():
         r["peak_rss_mib"] = r["peak_rss"] / 2**20
+        reused = "" if args.only in ("both", name) else f" (from the earlier run started {r['started']})"
         print(
             f"{name}: exit {r['rc']}{' (stopped by harness)' if r['stopped'] else ''}, "
-            f"journal {r['journal']}, log {work / name / 'output.log'}"
+            f"journal {r['journal']}, log {work / name / 'output.log'}{reused}"
         )
     print_table(results, args.max_kl)
     (work / "summary.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
