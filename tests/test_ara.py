@@ -291,3 +291,19 @@ def test_adapter_only_export_of_full_weight_ara_is_a_clear_error_and_keeps_the_t
     code = main([str(folder), "--run-dir", str(tmp_path / "run"), *flags, "--actions", "save-adapter"])
     assert "cannot hold" in single_error_line(capsys, code)
     assert len(load_study(tmp_path / "run").trials) == 2
+
+
+def test_captured_rows_keep_the_models_dtype_and_captures_are_built_in_float32():
+    model, tokenizer = tiny_model("qwen2", layers=2, seed=1)
+    model = model.to(torch.bfloat16)
+    adapter = attach_adapter(model, discover(model), 4)
+    linear, experts, _ = capture_slots(adapter)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in HARMLESS + HARMFUL]  # fmt: skip
+    rows = capture_writer_inputs(model, tokenizer, adapter, linear, texts, 4, "cpu", "capturing")
+    assert all(tensor.dtype == torch.bfloat16 and tensor.shape[0] == len(texts) for tensor in rows.values())
+    half = len(HARMLESS)
+    captures = build_captures(
+        adapter, {k: v[:half] for k, v in rows.items()}, {k: v[half:] for k, v in rows.items()}, 8
+    )
+    assert captures and all(c.harmless_outputs.dtype == torch.float32 for c in captures.values())

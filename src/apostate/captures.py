@@ -50,11 +50,21 @@ def capture_slots(adapter: Adapter) -> tuple[list[int], list[int], list[str]]:
 
 @torch.inference_mode()
 def capture_writer_inputs(
-    model, tokenizer, adapter: Adapter, slot_indices: list[int], texts: list[str], batch_size: int, device, label: str
+    model,
+    tokenizer,
+    adapter: Adapter,
+    slot_indices: list[int],
+    texts: list[str],
+    batch_size: int,
+    device,
+    label: str,
+    keep_on="cpu",
 ) -> dict[CaptureKey, Tensor]:
-    """Per (slot, expert), the inputs at the last prompt position (float32, CPU), in prompt order.
+    """Per (slot, expert), the inputs at the last prompt position, in prompt order, on `keep_on`.
 
     A Linear writer has a row for every text; an expert only for the texts routed to it.
+    Rows keep the dtype the model computed them in (a wider one would hold no more
+    information); build_captures widens one module at a time.
     """
     linear_rows: dict[int, list[Tensor]] = {}
     recorders: dict[int, ExpertRecorder] = {}
@@ -62,11 +72,12 @@ def capture_writer_inputs(
     for index in slot_indices:
         slot = adapter.slots[index]
         if slot.stacked:
-            recorders[index] = ExpertRecorder(slot.module.get_base_layer())
+            recorders[index] = ExpertRecorder(slot.module.get_base_layer(), keep_on)
             handles.append(recorders[index].module.register_forward_hook(recorders[index]))
         else:
             linear_rows[index] = []
-            handles.append(slot.module.get_base_layer().register_forward_hook(_linear_hook(linear_rows[index])))
+            hook = _linear_hook(linear_rows[index], keep_on)
+            handles.append(slot.module.get_base_layer().register_forward_hook(hook))
     order: list[int] = []
     try:
         with track(label, len(texts)) as advance:
@@ -87,10 +98,10 @@ def capture_writer_inputs(
     return captured
 
 
-def _linear_hook(rows: list[Tensor]):
+def _linear_hook(rows: list[Tensor], keep_on):
     def hook(module, args, output):
         # A copy: a slice would keep the whole batch's activations alive.
-        rows.append(args[0][:, -1, :].to("cpu", torch.float32, copy=True))
+        rows.append(args[0][:, -1, :].to(keep_on, copy=True))
 
     return hook
 
@@ -100,19 +111,20 @@ def build_captures(
 ) -> dict[CaptureKey, ModuleCapture]:
     """Captures for every (slot, expert) seen on both sides (an expert only one side reached is left alone)."""
     captures = {}
-    weights: dict[int, Tensor] = {}
+    current, weights = None, None
     for key in sorted(harmless.keys() & harmful.keys()):
         index, expert = key
-        if index not in weights:
-            weights[index] = adapter.slots[index].base_weight()  # (experts, out, in), dequantized
-        weight = weights[index][expert]
-        basis = input_basis(torch.cat([harmless[key], harmful[key]]), basis_rank)
+        if index != current:  # one slot's dequantized weights in memory at a time
+            current, weights = index, adapter.slots[index].base_weight()  # (experts, out, in)
+        weight = weights[expert].to(harmless[key].device)
+        good, bad = harmless[key].float(), harmful[key].float()
+        basis = input_basis(torch.cat([good, bad]), basis_rank)
         captures[key] = ModuleCapture(
             basis=basis,
-            harmless_coords=harmless[key] @ basis.T,
-            harmful_coords=harmful[key] @ basis.T,
-            harmless_outputs=harmless[key] @ weight.T,
-            harmful_outputs=harmful[key] @ weight.T,
+            harmless_coords=good @ basis.T,
+            harmful_coords=bad @ basis.T,
+            harmless_outputs=good @ weight.T,
+            harmful_outputs=bad @ weight.T,
             weight_norm=weight.norm(),
         )
     return captures

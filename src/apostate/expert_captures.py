@@ -44,8 +44,9 @@ def down_inputs(module: nn.Module, states: Tensor, experts: Tensor) -> tuple[Ten
 class ExpertRecorder:
     """Forward hook collecting (prompt index, expert, down input) at the last positions."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, keep_on="cpu"):
         self.module = module
+        self.keep_on = keep_on
         self.rows: list[tuple[Tensor, Tensor, Tensor]] = []  # prompt indices, experts, inputs
         self.batch: tuple[list[int], int, int] | None = None  # prompt indices, batch size, sequence length
 
@@ -56,7 +57,7 @@ class ExpertRecorder:
         chosen = top_k_index[last]  # (batch, k)
         experts, inputs = down_inputs(module, hidden_states[last], chosen)
         prompts = torch.tensor(indices).repeat_interleave(chosen.shape[1])
-        self.rows.append((prompts, experts.cpu(), inputs.to("cpu", torch.float32, copy=True)))
+        self.rows.append((prompts, experts.cpu(), inputs.to(self.keep_on, copy=True)))
 
     def per_expert(self) -> dict[int, Tensor]:
         """Expert -> (prompts routed to it, intermediate) inputs, in prompt order."""

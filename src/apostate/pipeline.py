@@ -141,6 +141,7 @@ def capture_for_fitting(adapter: Adapter, tokenizer, device, settings: Settings,
             batch_size,
             device,
             f"capturing ({side})",
+            keep_on="cpu" if settings.activations_on == "cpu" else device,
         )
         for side in ("harmless", "harmful")
     }

@@ -210,6 +210,11 @@ class Settings(BaseSettings):
     device_map: str | dict[str, int | str] = Field(
         default="auto", description="Passed to from_pretrained (accelerate)."
     )
+    activations_on: Literal["cpu", "device"] = Field(
+        default="cpu",
+        description="Where residuals and captured module activations are kept: 'cpu' moves them off the "
+        "accelerator at once (default), 'device' keeps them next to the model (faster fits, more GPU memory).",
+    )
     max_memory: dict[str, str] | None = Field(
         default=None, description="Memory limit per device for accelerate, e.g. {0 = '20GiB', cpu = '64GiB'}."
     )

@@ -112,6 +112,7 @@ def _measure(model, tokenizer, device, settings: Settings, prompts: PromptSets) 
             device,
             settings.winsorization_quantile,
             f"residuals ({side})",
+            keep_on="cpu" if settings.activations_on == "cpu" else device,
         )
         for side in ("harmless", "harmful")
     }
