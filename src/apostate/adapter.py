@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from .architecture import Architecture, ResidualWriter, WriterEdit, stacked_output_dim
+from .bnb_weights import dequantize
 
 ADAPTER = "default"
 
@@ -59,11 +60,8 @@ class AdapterSlot:
             weight = getattr(base, self.writer.parameter).detach().float()
             return weight.transpose(1, 2) if stacked_output_dim(base) == 2 else weight
         weight = base.weight
-        quant_state = getattr(weight, "quant_state", None)
-        if quant_state is not None:
-            import bitsandbytes as bnb
-
-            weight = bnb.functional.dequantize_4bit(weight.data, quant_state)
+        if getattr(weight, "quant_state", None) is not None:
+            weight = dequantize(weight)
         return weight.detach().float().reshape(1, base.out_features, base.in_features)
 
     def write(self, a: Tensor, b: Tensor) -> None:
