@@ -11,7 +11,7 @@ from tiny import tiny_model
 from apostate.batching import last_position_logprobs
 from apostate.generation import _generate_plain, generate
 from apostate.prefix_cache import SharedPrefix, last_position_logprobs_shared
-from apostate.speculative import PassCost, ResponsePool, _best_width
+from apostate.response_pool import PassCost, ResponsePool, best_width
 
 PROMPTS = ["hi", "tell me a story about a dragon", "why?", "list three colours", "a", "how do magnets work, briefly"]
 TOKENS = 12
@@ -110,13 +110,13 @@ def test_early_stop_gives_the_verdicts_of_full_generation(tiny):
 def test_draft_width_follows_acceptance_and_the_cost_of_wide_passes():
     drafts = [[1] * 20] * 16
     cpu = PassCost()  # no samples yet: the 2-core CPU default
-    assert _best_width(drafts, 1, acceptance=0.1, cost=cpu) == 0  # wrong drafts only cost
-    assert _best_width(drafts, 1, acceptance=0.99, cost=cpu) == 20  # right drafts save passes
+    assert best_width(drafts, 1, acceptance=0.1, cost=cpu) == 0  # wrong drafts only cost
+    assert best_width(drafts, 1, acceptance=0.99, cost=cpu) == 20  # right drafts save passes
     gpu = PassCost()
     for tokens in (16, 128, 512):  # a pass costs about the same whatever its width
         gpu.add(tokens, 0.02 + 1e-6 * tokens)
-    assert _best_width(drafts, 1, acceptance=0.5, cost=gpu) >= 8
-    assert _best_width(drafts, 1, acceptance=0.5, cost=cpu) < 8
+    assert best_width(drafts, 1, acceptance=0.5, cost=gpu) >= 8
+    assert best_width(drafts, 1, acceptance=0.5, cost=cpu) < 8
 
 
 def test_drafts_come_from_the_nearest_earlier_model_first():

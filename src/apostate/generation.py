@@ -9,7 +9,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .batching import batches
 from .prefix_cache import SharedPrefix
-from .speculative import DecodingLimits, ResponsePool, speculative_greedy
+from .response_pool import ResponsePool
+from .speculative import DecodingLimits, speculative_greedy
 
 # Greedy decoding; the sampling knobs are unset so a model's generation_config cannot turn them on.
 GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}

@@ -12,7 +12,7 @@ from .generation import generate
 from .prefix_cache import last_position_logprobs_shared
 from .progress import track
 from .refusals import RefusalDetector
-from .speculative import ResponsePool
+from .response_pool import ResponsePool
 
 SIGNATURE_TOKENS = 16
 
