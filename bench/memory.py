@@ -81,6 +81,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args(argv)
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="apostate-memory-"))
+    workdir.mkdir(parents=True, exist_ok=True)
     full_size = checkpoint_bytes(args.model)
     gib = 1024**3
     print(f"full-precision checkpoint: {full_size / gib:.2f} GiB; work folder {workdir}")
