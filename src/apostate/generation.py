@@ -57,8 +57,8 @@ def generate(
     tokens = speculative_greedy(
         model, tokenizer, shared, prefix_cache, order, batch_size, limits, pool, stop_when, device, advance
     )
-    for index, response in tokens.items():
-        if pool is not None:
+    if pool is not None:
+        for index, response in tokens.items():
             pool.add(index, response)
     return [tokenizer.decode(tokens[index], skip_special_tokens=True) for index in range(len(texts))]
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,29 +108,23 @@ def _from_pretrained(source: ModelSource, settings: Settings, dtype_name: str):
         kwargs["quantization_config"] = _bnb_4bit_config(dtype)
     model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
     if settings.quantization != "none":
-        _release_checkpoint_maps(model, Path(source.location) if source.is_local else None)
+        _release_checkpoint_maps(model)
     return model
 
 
-def _release_checkpoint_maps(model, folder: Path | None) -> None:
-    """Copy unquantized CPU tensors out of the checkpoint's memory maps, one shard at a time.
+def _release_checkpoint_maps(model) -> None:
+    """Copy unquantized CPU tensors (embeddings, norms, lm_head) out of the checkpoint's memory maps.
 
     They load as views into the mapped shard files, and one small view (a norm weight) keeps
-    a whole shard mapped, with every page that quantization read still resident: 1.9 GB on
-    the demo model, whose 4-bit weights take 0.1 GB. Copying shard by shard lets each map
-    close before the next shard's copies are made, so the peak stays near the load's.
+    a whole shard mapped, with every page quantization read still resident: 1.9 GB on the
+    demo model, whose 4-bit weights take 0.1 GB. With owned copies the maps close; the run's
+    steady RSS fell from 3.24 to 2.33 GiB. The copies and the maps do overlap once, here.
     """
-    index = folder / "model.safetensors.index.json" if folder else None
-    weight_map = json.loads(index.read_text())["weight_map"] if index and index.is_file() else {}
-    by_file: dict[str | None, list[torch.Tensor]] = {}
-    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-        if not hasattr(tensor, "quant_state") and tensor.device.type == "cpu":
-            by_file.setdefault(weight_map.get(name), []).append(tensor)
     with torch.no_grad():
-        for tensors in by_file.values():
-            for tensor in tensors:
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if not hasattr(tensor, "quant_state") and tensor.device.type == "cpu":
                 tensor.data = tensor.data.clone()
-            gc.collect()
+    gc.collect()
 
 
 def _bnb_4bit_config(dtype):

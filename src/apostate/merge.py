@@ -46,7 +46,7 @@ class TensorEntry:
         count = 1
         for size in self.shape:
             count *= size
-        return count * torch.empty((), dtype=_SAFETENSORS_DTYPES[self.dtype]).element_size()
+        return count * _SAFETENSORS_DTYPES[self.dtype].itemsize
 
 
 class Checkpoint:

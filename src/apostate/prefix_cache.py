@@ -7,7 +7,8 @@ prefix, with the padding masked and positions counted over unmasked tokens, so t
 sees what it would see without the shared cache.
 
 Only plain full-attention caches are shared: sliding-window and recurrent layers count
-slots, not unmasked tokens, so those models take the ordinary path (`SharedPrefix.usable`).
+slots, not unmasked tokens, so those models take the ordinary path (`SharedPrefix.cache`
+returns None).
 """
 
 from __future__ import annotations
@@ -38,11 +39,10 @@ class SharedPrefix:
 
     def cache(self, model, device) -> DynamicCache | None:
         """The prefix's keys and values for batch size 1, or None where they cannot be shared."""
-        if not self.prefix:
-            return DynamicCache(config=model.config) if _plain_cache(DynamicCache(config=model.config)) else None
-        ids = torch.tensor([self.prefix], device=device)
-        output = model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        cache = output.cache
+        if self.prefix:
+            cache = model(input_ids=torch.tensor([self.prefix], device=device), use_cache=True, logits_to_keep=1).cache
+        else:
+            cache = DynamicCache(config=model.config)
         return cache if _plain_cache(cache) else None
 
 

@@ -51,11 +51,6 @@ class PassCost:
                 return a, b
         return 1.0, 0.015  # a 2-core CPU on a 0.5B model: 16 rows x 8 tokens cost 2.3 times 16 x 1
 
-    def __str__(self) -> str:
-        kept = self.accepted / self.proposed if self.proposed else 0.0
-        return (f"{self.generated} tokens in {self.passes} passes; "
-                f"draft tokens kept {self.accepted}/{self.proposed} ({kept:.0%})")  # fmt: skip
-
 
 class ResponsePool:
     """Earlier responses (token ids) per prompt, to draft from.
@@ -98,7 +93,7 @@ class ResponsePool:
     def draft(self, index: int, known: list[int], length: int, anchor: int = 3) -> list[int]:
         """Up to `length` tokens to guess what follows `known`.
 
-        From the newest response that starts with `known`; failing that (the responses
+        From the nearest model's response that starts with `known`; failing that (the responses
         diverged), from where the last `anchor` known tokens occur in a response, nearest
         the same position, as in prompt lookup decoding.
         """

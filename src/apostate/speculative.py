@@ -2,8 +2,8 @@
 
 Trials of one study edit the model a little at a time, so a prompt's greedy response often
 repeats one from an earlier trial, or runs along one for a while. Each sequence proposes a
-draft, the continuation of the newest earlier response that agrees with everything known so
-far. One forward pass scores all draft tokens at once; the longest prefix that the model
+draft, the continuation of an earlier response (the nearest earlier model's first, see
+response_pool) that agrees with everything known so far. One forward pass scores all draft tokens at once; the longest prefix that the model
 itself would have produced is kept, plus the model's own next token (speculative decoding
 with lookup drafts and greedy acceptance: Leviathan et al. 2023, arXiv:2211.17192; Saxena
 2023, "prompt lookup decoding"). Without drafts it is ordinary greedy decoding.
@@ -11,7 +11,7 @@ with lookup drafts and greedy acceptance: Leviathan et al. 2023, arXiv:2211.1719
 Rejected draft tokens stay in the key/value cache with their attention-mask entries set to
 zero; positions count unmasked entries only (see prefix_cache), so every kept token is
 predicted from exactly the tokens plain decoding would have seen. Finished sequences leave
-the batch, so the rest decode faster.
+the batch and waiting prompts take their place.
 """
 
 from __future__ import annotations
