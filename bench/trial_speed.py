@@ -75,6 +75,9 @@ def main(argv: list[str]) -> None:
         after = scorer.pool.stats
         row["passes"] = after.passes - before.passes
         row["kept"] = f"{after.accepted - before.accepted}/{after.proposed - before.proposed}"
+        row["tokens/pass"] = (after.generated - before.generated) / max(row["passes"], 1)
+        a, b = scorer.pool.cost.coefficients()
+        row["pass cost"] = f"{a:.3f}+{b * 1000:.2f}ms/token"
         plain_flags = [s.detector.is_refusal(r) for r in plain]
         row["same (early stop)"] = plain_flags == fast_flags
         if full:

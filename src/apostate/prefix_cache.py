@@ -77,6 +77,57 @@ def positions(mask: torch.Tensor, new: int) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)[:, -new:]
 
 
+def prompt_passes(model, shared: SharedPrefix, prefix_cache, order: list[int], batch_size: int, pad_id: int, device):
+    """One forward pass per `batch_size` prompts taken in `order`: yields (indices, suffix width, output).
+
+    The output holds the last position's logits and the whole batch's cache: the prefix,
+    then each suffix right-aligned in `suffix width` slots.
+    """
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        ids, chunk_mask = left_padded([shared.suffixes[i] for i in indices], pad_id, device)
+        prefix_mask = torch.ones((len(indices), len(shared.prefix)), dtype=torch.long, device=device)
+        mask = torch.cat([prefix_mask, chunk_mask], dim=1)
+        output = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions(mask, ids.shape[1]),
+            cache=batch_cache(prefix_cache, len(indices)),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        yield indices, ids.shape[1], output
+
+
+@dataclass
+class PromptState:
+    """A templated prompt after its forward pass: its greedy first token and its keys and values."""
+
+    first_token: int
+    keys: list[torch.Tensor]  # per layer (heads, prompt tokens, head dim), prefix included
+    values: list[torch.Tensor]
+
+
+@torch.inference_mode()
+def prefill(model, shared: SharedPrefix, prefix_cache, order: list[int], batch_size: int, pad_id: int, device):
+    """Every prompt's state, keyed by index; prompts of similar length share a pass (sorted `order`)."""
+    states: dict[int, PromptState] = {}
+    prefix_length = len(shared.prefix)
+    for indices, width, output in prompt_passes(model, shared, prefix_cache, order, batch_size, pad_id, device):
+        first_tokens = output.logits[:, -1].argmax(-1).tolist()
+        layers = output.cache.layers
+        for row, index in enumerate(indices):
+            pad = width - len(shared.suffixes[index])
+
+            def own(tensor, row=row, pad=pad):  # the row's prefix and suffix slots, not its padding
+                return torch.cat([tensor[row, :, :prefix_length], tensor[row, :, prefix_length + pad :]], 1)
+
+            states[index] = PromptState(
+                first_tokens[row], [own(layer.keys) for layer in layers], [own(layer.values) for layer in layers]
+            )
+    return states
+
+
 @torch.inference_mode()
 def last_position_logprobs_shared(model, tokenizer, texts: list[str], batch_size: int, device) -> torch.Tensor | None:
     """As batching.last_position_logprobs, computing the shared prefix once; None if it cannot."""
@@ -86,20 +137,10 @@ def last_position_logprobs_shared(model, tokenizer, texts: list[str], batch_size
         return None
     order = sorted(range(len(texts)), key=lambda i: len(shared.suffixes[i]))
     rows: list[torch.Tensor | None] = [None] * len(texts)
-    for start in range(0, len(order), batch_size):
-        indices = order[start : start + batch_size]
-        ids, chunk_mask = left_padded([shared.suffixes[i] for i in indices], tokenizer.pad_token_id, device)
-        prefix_mask = torch.ones((len(indices), len(shared.prefix)), dtype=torch.long, device=device)
-        mask = torch.cat([prefix_mask, chunk_mask], dim=1)
-        logits = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions(mask, ids.shape[1]),
-            cache=batch_cache(prefix_cache, len(indices)),
-            use_cache=True,
-            logits_to_keep=1,
-        ).logits[:, -1, :]
-        logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
+    for indices, _, output in prompt_passes(
+        model, shared, prefix_cache, order, batch_size, tokenizer.pad_token_id, device
+    ):
+        logprobs = torch.log_softmax(output.logits[:, -1, :].float(), dim=-1).cpu()
         for row, index in enumerate(indices):
             rows[index] = logprobs[row]
     return torch.stack(rows)

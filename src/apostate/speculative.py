@@ -8,29 +8,32 @@ itself would have produced is kept, plus the model's own next token (speculative
 with lookup drafts and greedy acceptance: Leviathan et al. 2023, arXiv:2211.17192; Saxena
 2023, "prompt lookup decoding"). Without drafts it is ordinary greedy decoding.
 
-Rejected draft tokens stay in the key/value cache with their attention-mask entries set to
-zero; positions count unmasked entries only (see prefix_cache), so every kept token is
-predicted from exactly the tokens plain decoding would have seen. Finished sequences leave
-the batch and waiting prompts take their place.
+Prompts run first, in batches of similar length; decoding passes then carry only response
+tokens. Rejected draft tokens stay in the key/value cache with their attention-mask entries
+set to zero; positions count unmasked entries only (see prefix_cache), so every kept token
+is predicted from exactly the tokens plain decoding would have seen. Finished sequences
+leave the batch and waiting prompts take their place at once.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
 
-from .prefix_cache import SharedPrefix, batch_cache, positions
+from .greedy_head import GreedyHead
+from .prefix_cache import PromptState, SharedPrefix, positions, prefill
 from .response_pool import DraftStats, ResponsePool, best_width
 
 
 @dataclass
 class _Sequence:
     index: int  # into the caller's texts
-    head: list[int]  # tokens to feed next before the draft: the prompt's own tokens, then the last known one
-    known: list[int] = field(default_factory=list)  # response tokens known to be the model's greedy ones
+    known: list[int]  # response tokens known to be the model's greedy ones
     done: bool = False
 
 
@@ -56,29 +59,39 @@ def speculative_greedy(
 ) -> dict[int, list[int]]:
     """Greedy response tokens for the texts at `order`, keyed by index; at most `window` at a time.
 
-    A finished sequence leaves the batch; once half the window is free, the next prompts join
-    (their prompt tokens go through in the same pass as the others' drafts), so the passes stay
-    full instead of a few slow sequences holding up a whole batch.
+    All prompts run first, `window` at a time in `order` (sorted by length, so little
+    padding), which gives each its first token and its keys and values. Decoding passes then
+    carry one token and a draft per row: a finished sequence leaves, and a waiting prompt
+    takes its row at once by copying its keys and values in, so the passes stay full.
     """
-    waiting = [_Sequence(index, list(shared.suffixes[index])) for index in order]
-    waiting.reverse()
-    active: list[_Sequence] = []
-    batch = _Batch(prefix_cache, len(shared.prefix), device)
+    prompts = prefill(model, shared, prefix_cache, order, window, tokenizer.pad_token_id, device)
     results: dict[int, list[int]] = {}
+    waiting: list[_Sequence] = []
+    for index in reversed(order):
+        sequence = _Sequence(index, [prompts[index].first_token])
+        _finish(sequence, tokenizer, limits, decided)
+        if sequence.done:
+            results[index] = sequence.known
+        else:
+            waiting.append(sequence)
+    if advance and results:
+        advance(len(results))
+    active: list[_Sequence] = []
+    batch = _Batch(device, GreedyHead.of(model))
     stats = pool.stats if pool is not None else DraftStats()
     while waiting or active:
-        if waiting and len(active) <= window // 2:
+        if waiting and len(active) < window:
             joining = [waiting.pop() for _ in range(min(window - len(active), len(waiting)))]
-            batch.add_rows(len(joining))
+            batch.add_rows([prompts.pop(s.index) for s in joining])
             active += joining
         drafts = [_draft(pool, s, limits.max_new_tokens - len(s.known) - 1) for s in active]
         if pool is not None:
-            width = best_width(drafts, max(len(s.head) for s in active), stats.acceptance(), pool.cost)
+            width = best_width(drafts, 1, stats.acceptance(), pool.cost)
             drafts = [draft[:width] for draft in drafts]
         start = time.perf_counter()
-        predicted = batch.step(model, [s.head for s in active], drafts, tokenizer.pad_token_id)
+        predicted = batch.step(model, [s.known[-1] for s in active], drafts, tokenizer.pad_token_id)
         if pool is not None:
-            pool.cost.add(batch.mask.shape[0] * (batch.anchor + batch.draft_width), time.perf_counter() - start)
+            pool.cost.add(batch.mask.shape[0] * (1 + batch.draft_width), time.perf_counter() - start)
         stats.passes += 1
         for row, (sequence, draft) in enumerate(zip(active, drafts, strict=True)):
             accepted = _accepted(draft, predicted[row])
@@ -87,7 +100,6 @@ def speculative_greedy(
             stats.cut += accepted < len(draft)
             batch.hide_rejected(row, len(draft), accepted)
             sequence.known += draft[:accepted] + [predicted[row][accepted]]
-            sequence.head = sequence.known[-1:]
             _finish(sequence, tokenizer, limits, decided)
         finished = [s for s in active if s.done]
         if finished:
@@ -103,57 +115,62 @@ def speculative_greedy(
 class _Batch:
     """The key/value cache and attention mask of the sequences in flight, row for row."""
 
-    def __init__(self, prefix_cache, prefix_length: int, device):
-        self.prefix_cache = prefix_cache
-        self.prefix_length = prefix_length
+    def __init__(self, device, head: GreedyHead | None):
         self.device = device
-        self.cache = None
-        self.mask = torch.zeros((0, prefix_length), dtype=torch.long, device=device)
+        self.head = head
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros((0, 0), dtype=torch.long, device=device)
         self.draft_width = 0
-        self.anchor = 0
 
-    def add_rows(self, count: int) -> None:
-        """New rows hold the shared prefix, right-aligned to the slots the others already have."""
-        if self.cache is None or self.cache.get_seq_length() == 0:
-            self.cache = batch_cache(self.prefix_cache, count)
-            self.mask = torch.ones((count, self.prefix_length), dtype=torch.long, device=self.device)
+    def add_rows(self, prompts: list[PromptState]) -> None:
+        """Each new row holds its prompt's keys and values, right-aligned: last tokens share a column."""
+        width = max(self.mask.shape[1], *(p.keys[0].shape[1] for p in prompts))
+        self._widen(width)
+        rows = [torch.cat([torch.zeros(width - p.keys[0].shape[1], dtype=torch.long),
+                           torch.ones(p.keys[0].shape[1], dtype=torch.long)]) for p in prompts]  # fmt: skip
+        self.mask = torch.cat([self.mask, torch.stack(rows).to(self.device)])
+        layers = [
+            (torch.stack([_left_slots(p.keys[i], width - p.keys[i].shape[1]) for p in prompts]),
+             torch.stack([_left_slots(p.values[i], width - p.values[i].shape[1]) for p in prompts]))
+            for i in range(len(prompts[0].keys))
+        ]  # fmt: skip
+        if self.cache is None:
+            self.cache = DynamicCache(ddp_cache_data=layers)
             return
-        gap = self.mask.shape[1] - self.prefix_length
-        for layer, prefix_layer in zip(self.cache.layers, self._prefix_layers(), strict=True):
-            layer.keys = torch.cat([layer.keys, _new_rows(layer.keys, prefix_layer[0], count, gap)])
-            layer.values = torch.cat([layer.values, _new_rows(layer.values, prefix_layer[1], count, gap)])
-        rows = torch.cat([torch.zeros((count, gap), dtype=torch.long), torch.ones((count, self.prefix_length),
-                          dtype=torch.long)], 1).to(self.device)  # fmt: skip
-        self.mask = torch.cat([self.mask, rows])
+        for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
+            layer.keys = torch.cat([layer.keys, keys])
+            layer.values = torch.cat([layer.values, values])
 
-    def _prefix_layers(self):
-        if self.prefix_length == 0:
-            return [(None, None)] * len(self.cache.layers)
-        return [(layer.keys, layer.values) for layer in self.prefix_cache.layers]
+    def _widen(self, width: int) -> None:
+        """Masked empty slots on the left of every row, so that a longer prompt fits."""
+        extra = width - self.mask.shape[1]
+        if extra <= 0:
+            return
+        self.mask = F.pad(self.mask, (extra, 0))
+        if self.cache is not None:
+            for layer in self.cache.layers:
+                layer.keys, layer.values = _left_slots(layer.keys, extra), _left_slots(layer.values, extra)
 
-    def step(self, model, heads: list[list[int]], drafts: list[list[int]], pad_id: int) -> list[list[int]]:
-        """One forward pass over each row's head and draft; row r, column j: the model's token after draft[:j]."""
-        anchor = self.anchor = max(len(head) for head in heads)  # right-aligned: last tokens share a column
+    def step(self, model, last_tokens: list[int], drafts: list[list[int]], pad_id: int) -> list[list[int]]:
+        """One forward pass over each row's last token and draft; row r, column j: the model's token after draft[:j]."""
         self.draft_width = max(len(draft) for draft in drafts)
-        width = anchor + self.draft_width
-        ids = torch.full((len(heads), width), pad_id, dtype=torch.long)
-        chunk_mask = torch.zeros((len(heads), width), dtype=torch.long)
-        for row, (head, draft) in enumerate(zip(heads, drafts, strict=True)):
-            tokens = head + draft
-            ids[row, anchor - len(head) : anchor - len(head) + len(tokens)] = torch.tensor(tokens)
-            chunk_mask[row, anchor - len(head) : anchor - len(head) + len(tokens)] = 1
+        width = 1 + self.draft_width
+        ids = torch.full((len(last_tokens), width), pad_id, dtype=torch.long)
+        chunk_mask = torch.zeros((len(last_tokens), width), dtype=torch.long)
+        for row, (last, draft) in enumerate(zip(last_tokens, drafts, strict=True)):
+            ids[row, : 1 + len(draft)] = torch.tensor([last, *draft])
+            chunk_mask[row, : 1 + len(draft)] = 1
         ids, chunk_mask = ids.to(self.device), chunk_mask.to(self.device)
         self.mask = torch.cat([self.mask, chunk_mask], 1)
-        output = model(
-            input_ids=ids,
-            attention_mask=self.mask,
-            position_ids=positions(self.mask, width),
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=self.draft_width + 1,
-        )
+        inputs = dict(input_ids=ids, attention_mask=self.mask, position_ids=positions(self.mask, width))
+        if self.head is None:
+            output = model(**inputs, cache=self.cache, use_cache=True, logits_to_keep=width)
+            tokens = output.logits.argmax(-1)
+        else:
+            output = model.get_decoder()(**inputs, cache=self.cache, use_cache=True)
+            tokens = self.head.tokens(output.last_hidden_state[:, -width:])
         self.cache = output.cache
-        return output.logits.argmax(-1).tolist()
+        return tokens.tolist()
 
     def hide_rejected(self, row: int, draft_length: int, accepted: int) -> None:
         """Rejected draft tokens stay in the cache, masked: later tokens never see them."""
@@ -165,16 +182,12 @@ class _Batch:
             self.cache.batch_select_indices(torch.tensor(rows, device=self.device))
             self.mask = self.mask[rows]
         else:
-            self.cache, self.mask = None, self.mask[:0, : self.prefix_length]
+            self.cache, self.mask = None, self.mask[:0, :0]
 
 
-def _new_rows(existing: torch.Tensor, prefix: torch.Tensor | None, count: int, gap: int) -> torch.Tensor:
-    """(count, heads, slots, dim): masked zeros, then the prefix's keys or values."""
-    batch, heads, _, dim = existing.shape
-    parts = [existing.new_zeros((count, heads, gap, dim))]
-    if prefix is not None:
-        parts.append(prefix.expand(count, -1, -1, -1))
-    return torch.cat(parts, 2)
+def _left_slots(tensor: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` zero slots before the others ((..., slots, head dim) tensors)."""
+    return F.pad(tensor, (0, 0, count, 0))
 
 
 def _draft(pool: ResponsePool | None, sequence: _Sequence, length: int) -> list[int]:
