@@ -4,7 +4,8 @@
 
 Replays the run's finished trials in order (or, in a run without any, --trials N random ones
 from the method's search space, seed 0) and measures, per trial:
-KL pass plain (every prompt from its first token) and with the shared-prefix cache; refusal
+KL pass plain (every prompt from its first token) and fast (shared-prefix cache, layers
+below the first edited one replayed, as in a run: the first trial records them); refusal
 generation with transformers' generate (early stop on refusal, as before drafts existed) and
 with drafts from earlier responses (the scorer's pool, filled as the replay goes). With
 --full, also generates every response to full length with transformers' generate and checks
@@ -24,6 +25,7 @@ import optuna
 def main(argv: list[str]) -> None:
     from apostate.batching import last_position_logprobs
     from apostate.generation import _generate_plain
+    from apostate.layer_replay import ALL_LAYERS
     from apostate.monitor import PhaseMonitor
     from apostate.pipeline import run_dir_for, start_session
     from apostate.scoring import kl_divergence
@@ -56,12 +58,13 @@ def main(argv: list[str]) -> None:
     for number, params in enumerate(trials):
         session.method.reset()
         session.method.apply(session.method.suggest(optuna.trial.FixedTrial(params)))
-        row = {"trial": number}
+        row = {"trial": number, "first edited layer": min(session.method.edited_layers(), default=None)}
         start = time.perf_counter()
         plain_logprobs = last_position_logprobs(model, s.tokenizer, scorer.harmless_texts, s.batch_size, s.device)
         row["kl plain"] = time.perf_counter() - start
         start = time.perf_counter()
-        fast_kl = scorer.kl(model)  # as in a trial: also gives the pool the model's signature
+        unchanged = min(session.method.edited_layers(), default=ALL_LAYERS)  # as in a trial
+        fast_kl = scorer.kl(model, unchanged)  # also gives the pool the model's signature
         row["kl fast"] = time.perf_counter() - start
         row["kl diff"] = abs(fast_kl - kl_divergence(scorer.base_logprobs, plain_logprobs))
         start = time.perf_counter()
@@ -70,7 +73,7 @@ def main(argv: list[str]) -> None:
         row["gen plain"] = time.perf_counter() - start
         start = time.perf_counter()
         before = dataclasses.replace(scorer.pool.stats)
-        fast_flags = scorer.refusal_flags(model)
+        fast_flags = scorer.refusal_flags(model, unchanged=unchanged)
         row["gen fast"] = time.perf_counter() - start
         after = scorer.pool.stats
         row["passes"] = after.passes - before.passes

@@ -152,6 +152,9 @@ class _FakeMethod:
     def describe(self, parameters):
         return {"x": parameters}
 
+    def edited_layers(self):
+        return {3}
+
     def apply(self, parameters):
         from apostate.methods import BrokenEdit
 
@@ -166,10 +169,11 @@ class _FakeScorer:
         self._kl = kl
         self.counted = 0
 
-    def kl(self, model):
+    def kl(self, model, unchanged=0):
+        assert unchanged == 3  # the layers below the first edited one
         return self._kl
 
-    def count_refusals(self, model):
+    def count_refusals(self, model, unchanged=0):
         self.counted += 1
         return 1
 

@@ -10,6 +10,7 @@ from tiny import tiny_model
 
 from apostate.batching import last_position_logprobs
 from apostate.generation import _generate_plain, generate
+from apostate.layer_replay import ALL_LAYERS, LayerReplay
 from apostate.loading import column_major_cpu_weights
 from apostate.prefix_cache import SharedPrefix, last_position_logprobs_shared
 from apostate.response_pool import PassCost, ResponsePool, best_width
@@ -149,3 +150,28 @@ def test_column_major_weights_change_no_output():
     assert all(w.stride() == (1, w.shape[0]) for w in linear_weights)
     assert {name: p.shape for name, p in model.named_parameters()} == shapes
     assert torch.equal(before, after)
+
+
+def test_replayed_layers_give_what_running_them_gives():
+    model, tokenizer = tiny_model("qwen2", layers=4, seed=4, initializer_range=0.3)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+             for p in PROMPTS]  # fmt: skip
+    harmless, harmful = LayerReplay(with_cache=False), LayerReplay(with_cache=True)
+    base = last_position_logprobs_shared(model, tokenizer, texts, 4, "cpu", harmless, ALL_LAYERS)  # records
+    generate(model, tokenizer, texts, TOKENS, 4, "cpu", replay=harmful, unchanged=ALL_LAYERS)
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight.mul_(3)  # an edit of layer 2: layers 0 and 1 are the base's
+    calls = []
+    model.model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    expected = last_position_logprobs_shared(model, tokenizer, texts, 4, "cpu")
+    expected_responses = generate(model, tokenizer, texts, TOKENS, 4, "cpu")
+    plain_calls = len(calls)
+    assert not torch.allclose(expected, base)
+    calls.clear()
+    assert torch.equal(last_position_logprobs_shared(model, tokenizer, texts, 4, "cpu", harmless, 2), expected)
+    assert generate(model, tokenizer, texts, TOKENS, 4, "cpu", replay=harmful, unchanged=2) == expected_responses
+    assert len(calls) == plain_calls - 2 - 2  # layer 0 skipped in both prompt passes of both sets
+    # Replaying the edited layer too gives the base model's layer 2: the records are what runs.
+    assert not torch.equal(last_position_logprobs_shared(model, tokenizer, texts, 4, "cpu", harmless, 3), expected)

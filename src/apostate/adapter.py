@@ -120,7 +120,11 @@ class Adapter:
             slot.zero()
 
     def is_zero(self) -> bool:
-        return all(not slot.module.lora_B[ADAPTER].weight.any() for slot in self.slots)
+        return not self.edited_layers()
+
+    def edited_layers(self) -> set[int]:
+        """Decoder layers with a writer whose slot holds a nonzero edit."""
+        return {slot.writer.layer for slot in self.slots if slot.module.lora_B[ADAPTER].weight.any()}
 
 
 def attach_adapter(model: nn.Module, architecture: Architecture, rank: int) -> Adapter:

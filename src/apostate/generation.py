@@ -8,7 +8,8 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from .batching import batches
-from .prefix_cache import SharedPrefix
+from .layer_replay import LayerReplay
+from .prefix_cache import PromptPasses, SharedPrefix
 from .response_pool import ResponsePool
 from .speculative import DecodingLimits, speculative_greedy
 
@@ -40,13 +41,16 @@ def generate(
     stop_when: Callable[[str], bool] | None = None,
     advance: Callable[[int], None] | None = None,
     pool: ResponsePool | None = None,
+    replay: LayerReplay | None = None,
+    unchanged: int = 0,
 ) -> list[str]:
     """Greedy responses to already-templated texts, in input order.
 
     With `stop_when`, a sequence stops as soon as its text satisfies it; the caller must
     only pass a condition that more text can never undo (a refusal marker has appeared).
     With a `pool` of earlier responses, those are checked as drafts and the new responses
-    added to it. Models whose cache cannot be shared take transformers' own generate.
+    added to it. With a `replay`, the prompts' passes skip the first `unchanged` layers (see
+    layer_replay). Models whose cache cannot be shared take transformers' own generate.
     """
     shared = SharedPrefix.of(tokenizer, texts)
     prefix_cache = shared.cache(model, device)
@@ -54,9 +58,8 @@ def generate(
         return _generate_plain(model, tokenizer, texts, max_new_tokens, batch_size, device, stop_when, advance)
     limits = DecodingLimits(max_new_tokens, _stop_ids(model, tokenizer))
     order = sorted(range(len(texts)), key=lambda i: len(shared.suffixes[i]))
-    tokens = speculative_greedy(
-        model, tokenizer, shared, prefix_cache, order, batch_size, limits, pool, stop_when, device, advance
-    )
+    passes = PromptPasses(order, batch_size, tokenizer.pad_token_id, device, replay, unchanged)
+    tokens = speculative_greedy(model, tokenizer, shared, prefix_cache, passes, limits, pool, stop_when, advance)
     if pool is not None:
         for index, response in tokens.items():
             pool.add(index, response)

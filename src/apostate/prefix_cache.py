@@ -14,10 +14,13 @@ returns None).
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
+
+from .layer_replay import LayerReplay
 
 
 @dataclass
@@ -77,25 +80,45 @@ def positions(mask: torch.Tensor, new: int) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)[:, -new:]
 
 
-def prompt_passes(model, shared: SharedPrefix, prefix_cache, order: list[int], batch_size: int, pad_id: int, device):
-    """One forward pass per `batch_size` prompts taken in `order`: yields (indices, suffix width, output).
+@dataclass
+class PromptPasses:
+    """How to run the prompts: `batch_size` at a time in `order`, replaying the first `unchanged` layers."""
+
+    order: list[int]
+    batch_size: int
+    pad_id: int
+    device: object
+    replay: LayerReplay | None = None
+    unchanged: int = 0  # leading decoder layers known equal to the base model's (see layer_replay)
+
+
+def prompt_passes(model, shared: SharedPrefix, prefix_cache, passes: PromptPasses):
+    """One forward pass per batch of prompts: yields (indices, suffix width, output).
 
     The output holds the last position's logits and the whole batch's cache: the prefix,
     then each suffix right-aligned in `suffix width` slots.
     """
-    for start in range(0, len(order), batch_size):
-        indices = order[start : start + batch_size]
-        ids, chunk_mask = left_padded([shared.suffixes[i] for i in indices], pad_id, device)
-        prefix_mask = torch.ones((len(indices), len(shared.prefix)), dtype=torch.long, device=device)
+    for start in range(0, len(passes.order), passes.batch_size):
+        indices = passes.order[start : start + passes.batch_size]
+        ids, chunk_mask = left_padded([shared.suffixes[i] for i in indices], passes.pad_id, passes.device)
+        prefix_mask = torch.ones((len(indices), len(shared.prefix)), dtype=torch.long, device=passes.device)
         mask = torch.cat([prefix_mask, chunk_mask], dim=1)
-        output = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions(mask, ids.shape[1]),
-            cache=batch_cache(prefix_cache, len(indices)),
-            use_cache=True,
-            logits_to_keep=1,
+        replaying = (
+            passes.replay.around(model, tuple(indices), passes.unchanged, len(shared.prefix))
+            if passes.replay
+            else nullcontext()
         )
+        with replaying as keeper:
+            output = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions(mask, ids.shape[1]),
+                cache=batch_cache(prefix_cache, len(indices)),
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            if keeper is not None:
+                keeper.keep_cache(output.cache)
         yield indices, ids.shape[1], output
 
 
@@ -109,11 +132,11 @@ class PromptState:
 
 
 @torch.inference_mode()
-def prefill(model, shared: SharedPrefix, prefix_cache, order: list[int], batch_size: int, pad_id: int, device):
-    """Every prompt's state, keyed by index; prompts of similar length share a pass (sorted `order`)."""
+def prefill(model, shared: SharedPrefix, prefix_cache, passes: PromptPasses) -> dict[int, PromptState]:
+    """Every prompt's state, keyed by index; prompts of similar length share a pass (sorted order)."""
     states: dict[int, PromptState] = {}
     prefix_length = len(shared.prefix)
-    for indices, width, output in prompt_passes(model, shared, prefix_cache, order, batch_size, pad_id, device):
+    for indices, width, output in prompt_passes(model, shared, prefix_cache, passes):
         first_tokens = output.logits[:, -1].argmax(-1).tolist()
         layers = output.cache.layers
         for row, index in enumerate(indices):
@@ -129,7 +152,9 @@ def prefill(model, shared: SharedPrefix, prefix_cache, order: list[int], batch_s
 
 
 @torch.inference_mode()
-def last_position_logprobs_shared(model, tokenizer, texts: list[str], batch_size: int, device) -> torch.Tensor | None:
+def last_position_logprobs_shared(
+    model, tokenizer, texts: list[str], batch_size: int, device, replay: LayerReplay | None = None, unchanged: int = 0
+) -> torch.Tensor | None:
     """As batching.last_position_logprobs, computing the shared prefix once; None if it cannot."""
     shared = SharedPrefix.of(tokenizer, texts)
     prefix_cache = shared.cache(model, device)
@@ -137,9 +162,8 @@ def last_position_logprobs_shared(model, tokenizer, texts: list[str], batch_size
         return None
     order = sorted(range(len(texts)), key=lambda i: len(shared.suffixes[i]))
     rows: list[torch.Tensor | None] = [None] * len(texts)
-    for indices, _, output in prompt_passes(
-        model, shared, prefix_cache, order, batch_size, tokenizer.pad_token_id, device
-    ):
+    passes = PromptPasses(order, batch_size, tokenizer.pad_token_id, device, replay, unchanged)
+    for indices, _, output in prompt_passes(model, shared, prefix_cache, passes):
         logprobs = torch.log_softmax(output.logits[:, -1, :].float(), dim=-1).cpu()
         for row, index in enumerate(indices):
             rows[index] = logprobs[row]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from .batching import last_position_logprobs
 from .generation import generate
+from .layer_replay import LayerReplay
 from .prefix_cache import last_position_logprobs_shared
 from .progress import track
 from .refusals import RefusalDetector
@@ -51,6 +52,9 @@ class Scorer:
         self.base_logprobs: torch.Tensor | None = None
         self.pool = ResponsePool(len(harmful_texts)) if setup.reuse_responses else None
         self._signature: torch.Tensor | None = None  # of the model whose KL was measured last
+        # Recorded by passes given unchanged layers (trials), replayed by later ones.
+        self.harmless_replay = LayerReplay(with_cache=False)
+        self.harmful_replay = LayerReplay(with_cache=True)
 
     def record_base(self, model) -> Scores:
         """Measure the unedited model: its distributions become the KL reference."""
@@ -63,20 +67,29 @@ class Scorer:
         top = self.base_logprobs.topk(SIGNATURE_TOKENS, dim=-1).indices
         return logprobs.gather(1, top)
 
-    def logprobs(self, model) -> torch.Tensor:
+    def logprobs(self, model, unchanged: int = 0) -> torch.Tensor:
         s = self.setup
-        return first_token_logprobs(model, s.tokenizer, self.harmless_texts, s.batch_size, s.device)
+        shared = last_position_logprobs_shared(
+            model, s.tokenizer, self.harmless_texts, s.batch_size, s.device, self.harmless_replay, unchanged
+        )
+        if shared is not None:
+            return shared
+        return last_position_logprobs(model, s.tokenizer, self.harmless_texts, s.batch_size, s.device)
 
-    def kl(self, model) -> float:
-        """KL(base ‖ model), averaged over the harmless prompts."""
-        logprobs = self.logprobs(model)
+    def kl(self, model, unchanged: int = 0) -> float:
+        """KL(base ‖ model), averaged over the harmless prompts.
+
+        `unchanged`: how many leading decoder layers are known to equal the base model's;
+        their work on the prompts is replayed from an earlier pass (see layer_replay).
+        """
+        logprobs = self.logprobs(model, unchanged)
         self._signature = self._signature_of(logprobs)
         return kl_divergence(self.base_logprobs, logprobs)
 
-    def count_refusals(self, model) -> int:
-        return sum(self.refusal_flags(model))
+    def count_refusals(self, model, unchanged: int = 0) -> int:
+        return sum(self.refusal_flags(model, unchanged=unchanged))
 
-    def refusal_flags(self, model, early_stop: bool = True) -> list[bool]:
+    def refusal_flags(self, model, early_stop: bool = True, unchanged: int = 0) -> list[bool]:
         s = self.setup
         if self.pool is not None:
             self.pool.begin(self._signature)
@@ -92,6 +105,8 @@ class Scorer:
                 stop_when=s.detector.decided if early_stop else None,
                 advance=advance,
                 pool=self.pool,
+                replay=self.harmful_replay,
+                unchanged=unchanged,
             )
         return [s.detector.is_refusal(response) for response in responses]
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from .greedy_head import GreedyHead
-from .prefix_cache import PromptState, SharedPrefix, positions, prefill
+from .prefix_cache import PromptPasses, PromptState, SharedPrefix, positions, prefill
 from .response_pool import DraftStats, ResponsePool, best_width
 
 
@@ -49,22 +49,21 @@ def speculative_greedy(
     tokenizer,
     shared: SharedPrefix,
     prefix_cache,
-    order: list[int],
-    window: int,
+    passes: PromptPasses,
     limits: DecodingLimits,
     pool: ResponsePool | None,
     decided: Callable[[str], bool] | None,
-    device,
     advance: Callable[[int], None] | None = None,
 ) -> dict[int, list[int]]:
-    """Greedy response tokens for the texts at `order`, keyed by index; at most `window` at a time.
+    """Greedy response tokens for the texts at `passes.order`, keyed by index; `passes.batch_size` at a time.
 
-    All prompts run first, `window` at a time in `order` (sorted by length, so little
+    All prompts run first, a batch at a time in their order (sorted by length, so little
     padding), which gives each its first token and its keys and values. Decoding passes then
     carry one token and a draft per row: a finished sequence leaves, and a waiting prompt
     takes its row at once by copying its keys and values in, so the passes stay full.
     """
-    prompts = prefill(model, shared, prefix_cache, order, window, tokenizer.pad_token_id, device)
+    prompts = prefill(model, shared, prefix_cache, passes)
+    order, window = passes.order, passes.batch_size
     results: dict[int, list[int]] = {}
     waiting: list[_Sequence] = []
     for index in reversed(order):
@@ -77,7 +76,7 @@ def speculative_greedy(
     if advance and results:
         advance(len(results))
     active: list[_Sequence] = []
-    batch = _Batch(device, GreedyHead.of(model))
+    batch = _Batch(passes.device, GreedyHead.of(model))
     stats = pool.stats if pool is not None else DraftStats()
     while waiting or active:
         if waiting and len(active) < window:

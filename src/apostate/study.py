@@ -23,6 +23,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from .errors import ApostateError
+from .layer_replay import ALL_LAYERS
 from .methods import BrokenEdit
 from .progress import console, track
 
@@ -122,14 +123,15 @@ class TrialRunner:
             self._infeasible(trial, timings, start, str(error), float("inf"))
         timings["edit"] = time.perf_counter() - mark
         mark = time.perf_counter()
-        kl = self.scorer.kl(self.model)
+        unchanged = min(self.method.edited_layers(), default=ALL_LAYERS)  # decoder layers below the edit
+        kl = self.scorer.kl(self.model, unchanged)
         timings["kl"] = time.perf_counter() - mark
         trial.set_user_attr("kl", kl)
         if not math.isfinite(kl) or kl > self.kl_cutoff:
             self._infeasible(trial, timings, start, f"KL {kl:.4g} above the cutoff {self.kl_cutoff}", kl)
         trial.set_constraint("kl_cutoff", kl - self.kl_cutoff)
         mark = time.perf_counter()
-        refusals = self.scorer.count_refusals(self.model)
+        refusals = self.scorer.count_refusals(self.model, unchanged)
         timings["refusals"] = time.perf_counter() - mark
         timings["total"] = time.perf_counter() - start
         total = len(self.scorer.harmful_texts)

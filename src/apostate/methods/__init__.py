@@ -35,6 +35,9 @@ class Method(Protocol):
     def deltas(self) -> Iterator[WriterEdit]:
         """The current edit per writer (float32 when computed, in the layout of the writer's parameter)."""
 
+    def edited_layers(self) -> set[int]:
+        """The decoder layers the current edit changes (the layers below the first are the base's)."""
+
     def describe(self, parameters) -> dict:
         """The parameters as plain data, for pareto.json and model cards."""
 

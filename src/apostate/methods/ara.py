@@ -70,6 +70,9 @@ class AraMethod(AraMethodBase):
             shape = tuple(self._parameter(index).shape)
             yield WriterEdit(self.adapter.slots[index].writer, shape, lambda index=index: self._delta(index))
 
+    def edited_layers(self) -> set[int]:
+        return {self.adapter.slots[index].writer.layer for index, _ in self.edits} | self.adapter.edited_layers()
+
     def _delta(self, index: int) -> Tensor:
         slot = self.adapter.slots[index]
         delta = torch.zeros(self._parameter(index).shape, dtype=torch.float32)

@@ -59,3 +59,6 @@ class AraLoraMethod(AraMethodBase):
     def deltas(self) -> Iterator[WriterEdit]:
         for slot in self.adapter.slots:
             yield slot.edit()
+
+    def edited_layers(self) -> set[int]:
+        return self.adapter.edited_layers()

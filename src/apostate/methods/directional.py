@@ -132,6 +132,9 @@ class DirectionalMethod:
         for slot in self.adapter.slots:
             yield slot.edit()
 
+    def edited_layers(self) -> set[int]:
+        return self.adapter.edited_layers()
+
     def describe(self, parameters: DirectionalParameters) -> dict:
         return parameters.as_dict()
 
