@@ -149,7 +149,7 @@ def test_column_major_weights_change_no_output():
     assert changed == len(linear_weights) > 0
     assert all(w.stride() == (1, w.shape[0]) for w in linear_weights)
     assert {name: p.shape for name, p in model.named_parameters()} == shapes
-    assert torch.equal(before, after)
+    assert torch.allclose(before, after, rtol=1e-6, atol=1e-6)  # the same products, maybe another kernel
 
 
 def test_replayed_layers_give_what_running_them_gives():

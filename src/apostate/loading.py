@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint_pages import checkpoint_mappings, drop_pages, release_checkpoint_pages, releasing_checkpoint_pages
 from .errors import ApostateError
 from .progress import console
 from .settings import Settings
@@ -61,6 +62,9 @@ def load_model(source: ModelSource, settings: Settings, tokenizer=None) -> Loade
         console.print(f"* Trying dtype [bold]{dtype_name}[/]... ", end="")
         try:
             model = _from_pretrained(source, settings, dtype_name)
+            if not settings.trust_remote_code:  # custom model code may assume contiguous weights
+                column_major_cpu_weights(model)
+            release_checkpoint_pages()
             _test_generation(model, tokenizer)
         except torch.OutOfMemoryError:
             failures.append(f"{dtype_name}: out of memory")
@@ -70,8 +74,6 @@ def load_model(source: ModelSource, settings: Settings, tokenizer=None) -> Loade
             console.print("[green]ok[/]")
             model.eval()
             model.requires_grad_(False)
-            if not settings.trust_remote_code:  # custom model code may assume contiguous weights
-                column_major_cpu_weights(model)
             dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
             return LoadedModel(model, tokenizer, source, dtype, settings.quantization != "none")
         console.print(f"[yellow]failed[/] ({failures[-1]})")
@@ -108,25 +110,9 @@ def _from_pretrained(source: ModelSource, settings: Settings, dtype_name: str):
         kwargs["max_memory"] = {_device_key(k): v for k, v in settings.max_memory.items()}
     if settings.quantization == "bnb_4bit":
         kwargs["quantization_config"] = _bnb_4bit_config(dtype)
-    model = AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
-    if settings.quantization != "none":
-        _release_checkpoint_maps(model)
-    return model
-
-
-def _release_checkpoint_maps(model) -> None:
-    """Copy unquantized CPU tensors (embeddings, norms, lm_head) out of the checkpoint's memory maps.
-
-    They load as views into the mapped shard files, and one small view (a norm weight) keeps
-    a whole shard mapped, with every page quantization read still resident: 1.9 GB on the
-    demo model, whose 4-bit weights take 0.1 GB. With owned copies the maps close; the run's
-    steady RSS fell from 3.24 to 2.33 GiB. The copies and the maps do overlap once, here.
-    """
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            if not hasattr(tensor, "quant_state") and tensor.device.type == "cpu":
-                tensor.data = tensor.data.clone()
-    gc.collect()
+        with releasing_checkpoint_pages():  # quantizing reads every page once
+            return AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    return AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
 
 
 def column_major_cpu_weights(model) -> int:
@@ -134,11 +120,13 @@ def column_major_cpu_weights(model) -> int:
 
     Then `F.linear` hands MKL an (in, out) row-major matrix, which its float32 GEMM reads
     faster when few rows go through: a 16-row decoding step of the demo model takes 0.19 s
-    instead of 0.25 s, with bit-identical outputs (the same products, summed in the same
-    order). Prefill-sized inputs run at the same speed either way; bfloat16 gets slower, so
+    instead of 0.25 s. At the demo model's shapes the outputs are bit-identical (measured);
+    at others MKL may pick another kernel and round differently (1e-7 on a 64-wide test
+    model). Prefill-sized inputs run at the same speed either way; bfloat16 gets slower, so
     only float32 is changed. Returns how many weights were changed.
     """
     changed = 0
+    mappings = checkpoint_mappings()  # the old weights' pages go as soon as their copies exist
     with torch.no_grad():
         for module in model.modules():
             weight = getattr(module, "weight", None)
@@ -146,9 +134,21 @@ def column_major_cpu_weights(model) -> int:
                 continue
             if weight.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous():
                 continue
-            weight.data = weight.data.t().contiguous().t()
+            weight.data = _column_major_copy(weight.data, mappings)
             changed += 1
     return changed
+
+
+def _column_major_copy(tensor: torch.Tensor, mappings, rows_per_chunk: int = 4096) -> torch.Tensor:
+    """A column-major copy, made a block of rows at a time; the source pages of each block are
+    dropped once copied, so that a mapped weight is never resident twice (checkpoint_pages)."""
+    copy = torch.empty_strided(tensor.shape, (1, tensor.shape[0]), dtype=tensor.dtype)
+    row_bytes = tensor.shape[1] * tensor.element_size()
+    for start in range(0, tensor.shape[0], rows_per_chunk):
+        block = tensor[start : start + rows_per_chunk]
+        copy[start : start + rows_per_chunk].copy_(block)
+        drop_pages(block.data_ptr(), block.data_ptr() + block.shape[0] * row_bytes, mappings)
+    return copy
 
 
 def _bnb_4bit_config(dtype):

@@ -1,0 +1,47 @@
+"""Loading: column-major weights and dropped checkpoint pages leave the model's outputs as they were."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from tiny import tiny_model_folder
+from transformers import AutoModelForCausalLM
+
+from apostate.checkpoint_pages import checkpoint_mappings, release_checkpoint_pages
+from apostate.loading import load_model
+from apostate.settings import parse_command_line
+from apostate.sources import resolve_source
+
+
+def resident_checkpoint_bytes() -> int:
+    """Resident bytes of this process's .safetensors mappings (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and ":" in fields[3]:  # a mapping's header line
+                inside = len(fields) == 6 and fields[5].endswith(".safetensors")
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page release is Linux only")
+def test_dropped_checkpoint_pages_come_back_intact(tmp_path):
+    folder = tiny_model_folder(tmp_path / "tiny", layers=2)
+    settings = parse_command_line([str(folder), "--dtypes", "float32"])
+    loaded = load_model(resolve_source(settings.model, None, settings.cache_path()), settings)
+    reference = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()  # views into the file
+    ids = torch.tensor([[1, 5, 9, 30, 2]])
+    with torch.inference_mode():
+        expected = reference(input_ids=ids).logits
+        loaded_before = loaded.model(input_ids=ids).logits
+        assert torch.allclose(loaded_before, expected, atol=1e-6)  # column-major: equal up to rounding
+        assert resident_checkpoint_bytes() > 0  # the reference read its weights' pages
+        release_checkpoint_pages()
+        assert resident_checkpoint_bytes() == 0
+        assert checkpoint_mappings()  # still mapped: the views stay valid
+        assert torch.equal(reference(input_ids=ids).logits, expected)  # its pages came back from the file
+        assert torch.equal(loaded.model(input_ids=ids).logits, loaded_before)
