@@ -65,6 +65,7 @@ def load_model(source: ModelSource, settings: Settings, tokenizer=None) -> Loade
             if not settings.trust_remote_code:  # custom model code may assume contiguous weights
                 column_major_cpu_weights(model)
             release_checkpoint_pages()
+            _contiguous_head_input(model)
             _test_generation(model, tokenizer)
         except torch.OutOfMemoryError:
             failures.append(f"{dtype_name}: out of memory")
@@ -137,6 +138,18 @@ def column_major_cpu_weights(model) -> int:
             weight.data = _column_major_copy(weight.data, mappings)
             changed += 1
     return changed
+
+
+def _contiguous_head_input(model) -> None:
+    """Hand the output projection contiguous rows.
+
+    With `logits_to_keep`, the projection gets a strided slice of the hidden states, and
+    `F.linear` then runs a batched matmul over a broadcast weight: 0.25-0.3 s instead of
+    0.04-0.07 s for 16 rows of the demo model on a CPU, on every prompt pass.
+    """
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]) if args else None)
 
 
 def _column_major_copy(tensor: torch.Tensor, mappings, rows_per_chunk: int = 4096) -> torch.Tensor:

@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 
 from .architecture import ResidualWriter
+from .checkpoint_pages import checkpoint_mappings, drop_pages
 from .progress import track
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -150,5 +151,14 @@ def _write_shard(path: Path, entries: list[TensorEntry], tensor_of, advance) -> 
             tensor = tensor_of(entry)
             if tuple(tensor.shape) != entry.shape or tensor.dtype != _SAFETENSORS_DTYPES[entry.dtype]:
                 raise RuntimeError(f"{entry.name}: got {tensor.dtype} {list(tensor.shape)}, planned {entry}")
-            file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            _write_bytes(file, tensor.contiguous().reshape(-1).view(torch.uint8))
             advance(1)
+
+
+def _write_bytes(file, data: torch.Tensor, chunk: int = 64 << 20) -> None:
+    """Write a block at a time; blocks read from the mapped checkpoint leave memory once written."""
+    mappings = checkpoint_mappings()
+    for start in range(0, data.numel(), chunk):
+        piece = data[start : start + chunk]
+        file.write(piece.numpy())
+        drop_pages(piece.data_ptr(), piece.data_ptr() + piece.numel(), mappings)
