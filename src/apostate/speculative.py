@@ -66,6 +66,8 @@ def speculative_greedy(
     order, window = passes.order, passes.batch_size
     results: dict[int, list[int]] = {}
     waiting: list[_Sequence] = []
+    if pool is not None:  # longest expected response first: the window ends on short ones, not a long tail
+        order = sorted(order, key=lambda index: pool.expected_length(index, limits.max_new_tokens), reverse=True)
     for index in reversed(order):
         sequence = _Sequence(index, [prompts[index].first_token])
         _finish(sequence, tokenizer, limits, decided)
