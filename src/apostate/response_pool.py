@@ -7,24 +7,40 @@ a forward pass of many tokens per row costs than one of a single token (`PassCos
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+
+CONTINUATION, LOOKUP = "continuation", "lookup"  # the kinds of draft (see ResponsePool.propose)
 
 
 @dataclass
 class DraftStats:
-    """How well drafting paid: forward passes, and draft tokens offered and kept."""
+    """How well drafting paid: forward passes, and draft tokens offered and kept (also per kind of draft)."""
 
     passes: int = 0
     proposed: int = 0
     accepted: int = 0
     cut: int = 0  # drafts rejected before their end
     generated: int = 0
+    by_kind: dict[str, list[int]] = field(default_factory=dict)  # kind -> [accepted, cut]
 
-    def acceptance(self) -> float:
-        """Chance that a draft token is right given the ones before it were (geometric model)."""
-        return (self.accepted + 1) / (self.accepted + self.cut + 2)
+    def record(self, kind: str, proposed: int, accepted: int) -> None:
+        self.proposed += proposed
+        self.accepted += accepted
+        self.cut += accepted < proposed
+        counts = self.by_kind.setdefault(kind, [0, 0])
+        counts[0] += accepted
+        counts[1] += accepted < proposed
+
+    def acceptance(self, kind: str | None = None) -> float:
+        """Chance that a draft token is right given the ones before it were (geometric model).
+
+        Per kind where asked: a response that agreed with everything so far goes on agreeing
+        far more often than a re-aligned one.
+        """
+        accepted, cut = self.by_kind.get(kind, (self.accepted, self.cut)) if kind else (self.accepted, self.cut)
+        return (accepted + 1) / (accepted + cut + 2)
 
 
 class PassCost:
@@ -96,37 +112,47 @@ class ResponsePool:
         return len(ranked[0]) if ranked else unknown
 
     def draft(self, index: int, known: list[int], length: int, anchor: int = 3) -> list[int]:
-        """Up to `length` tokens to guess what follows `known`.
+        return self.propose(index, known, length, anchor)[0]
 
-        From the nearest model's response that starts with `known`; failing that (the responses
-        diverged), from where the last `anchor` known tokens occur in a response, nearest
-        the same position, as in prompt lookup decoding.
+    def propose(self, index: int, known: list[int], length: int, anchor: int = 3) -> tuple[list[int], str]:
+        """Up to `length` tokens to guess what follows `known`, and the kind of guess.
+
+        A continuation: the nearest model's response that starts with `known`. Failing that
+        (the responses diverged), a lookup: from where the last `anchor` known tokens occur in
+        a response, nearest the same position, as in prompt lookup decoding.
         """
         n = len(known)
         responses = self._ranked(index)
         for response in responses:
             if len(response) > n and response[:n] == known:
-                return response[n : n + length]
+                return response[n : n + length], CONTINUATION
         if n < anchor:
-            return []
+            return [], LOOKUP
         tail, best, best_shift = known[-anchor:], None, None
         for response in responses:
             for end in range(anchor, len(response)):
                 if response[end - anchor : end] == tail and (best_shift is None or abs(end - n) < best_shift):
                     best, best_shift = response[end : end + length], abs(end - n)
-        return best or []
+        return best or [], LOOKUP
 
 
-def best_width(drafts: list[list[int]], anchor: int, acceptance: float, cost: PassCost) -> int:
-    """The draft width that yields the most expected tokens per second in this pass."""
+def best_width(drafts: list[list[int]], anchor: int, acceptance: float | list[float], cost: PassCost) -> int:
+    """The draft width that yields the most expected tokens per second in this pass.
+
+    `acceptance`: one chance for all rows, or one per row.
+    """
     a, b = cost.coefficients()
     rows, longest = len(drafts), max(len(draft) for draft in drafts)
+    chances = acceptance if isinstance(acceptance, list) else [acceptance] * rows
     best, best_rate = 0, 0.0
     for width in sorted({0, 1, 2, 4, 8, 16, 32, longest}):
         if width > longest:
             continue
         # Expected tokens: each row's own next token, plus draft tokens until the first wrong one.
-        expected = sum(1 + sum(acceptance**k for k in range(1, min(width, len(draft)) + 1)) for draft in drafts)
+        expected = sum(
+            1 + sum(chance**k for k in range(1, min(width, len(draft)) + 1))
+            for draft, chance in zip(drafts, chances, strict=True)
+        )
         rate = expected / (a + b * rows * (anchor + width))
         if rate > best_rate:
             best, best_rate = width, rate

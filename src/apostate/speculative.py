@@ -27,7 +27,7 @@ from transformers import DynamicCache
 
 from .greedy_head import GreedyHead
 from .prefix_cache import PromptPasses, PromptState, SharedPrefix, positions, prefill
-from .response_pool import DraftStats, ResponsePool, best_width
+from .response_pool import LOOKUP, DraftStats, ResponsePool, best_width
 
 
 @dataclass
@@ -85,9 +85,10 @@ def speculative_greedy(
             joining = [waiting.pop() for _ in range(min(window - len(active), len(waiting)))]
             batch.add_rows([prompts.pop(s.index) for s in joining])
             active += joining
-        drafts = [_draft(pool, s, limits.max_new_tokens - len(s.known) - 1) for s in active]
+        proposals = [_propose(pool, s, limits.max_new_tokens - len(s.known) - 1) for s in active]
+        drafts, kinds = [draft for draft, _ in proposals], [kind for _, kind in proposals]
         if pool is not None:
-            width = best_width(drafts, 1, stats.acceptance(), pool.cost)
+            width = best_width(drafts, 1, [stats.acceptance(kind) for kind in kinds], pool.cost)
             drafts = [draft[:width] for draft in drafts]
         start = time.perf_counter()
         predicted = batch.step(model, [s.known[-1] for s in active], drafts, tokenizer.pad_token_id)
@@ -96,9 +97,7 @@ def speculative_greedy(
         stats.passes += 1
         for row, (sequence, draft) in enumerate(zip(active, drafts, strict=True)):
             accepted = _accepted(draft, predicted[row])
-            stats.proposed += len(draft)
-            stats.accepted += accepted
-            stats.cut += accepted < len(draft)
+            stats.record(kinds[row], len(draft), accepted)
             batch.hide_rejected(row, len(draft), accepted)
             sequence.known += draft[:accepted] + [predicted[row][accepted]]
             _finish(sequence, tokenizer, limits, decided)
@@ -191,10 +190,10 @@ def _left_slots(tensor: torch.Tensor, count: int) -> torch.Tensor:
     return F.pad(tensor, (0, 0, count, 0))
 
 
-def _draft(pool: ResponsePool | None, sequence: _Sequence, length: int) -> list[int]:
+def _propose(pool: ResponsePool | None, sequence: _Sequence, length: int) -> tuple[list[int], str]:
     if pool is None or length <= 0:
-        return []
-    return pool.draft(sequence.index, sequence.known, length)
+        return [], LOOKUP
+    return pool.propose(sequence.index, sequence.known, length)
 
 
 def _accepted(draft: list[int], predicted: list[int]) -> int:
