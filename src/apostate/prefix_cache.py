@@ -6,6 +6,10 @@ each batch; each prompt then only runs its own tokens. Prompts are left-padded a
 prefix, with the padding masked and positions counted over unmasked tokens, so the model
 sees what it would see without the shared cache.
 
+`prompt_passes` runs prompts this way a batch at a time (replaying unedited layers, see
+layer_replay); the KL pass reads the last position's log-probabilities, and `prefill` keeps
+each prompt's greedy first token and keys and values for generation (speculative.py).
+
 Only plain full-attention caches are shared: sliding-window and recurrent layers count
 slots, not unmasked tokens, so those models take the ordinary path (`SharedPrefix.cache`
 returns None).

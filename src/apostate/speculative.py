@@ -63,18 +63,8 @@ def speculative_greedy(
     takes its row at once by copying its keys and values in, so the passes stay full.
     """
     prompts = prefill(model, shared, prefix_cache, passes)
-    order, window = passes.order, passes.batch_size
-    results: dict[int, list[int]] = {}
-    waiting: list[_Sequence] = []
-    if pool is not None:  # longest expected response first: the window ends on short ones, not a long tail
-        order = sorted(order, key=lambda index: pool.expected_length(index, limits.max_new_tokens), reverse=True)
-    for index in reversed(order):
-        sequence = _Sequence(index, [prompts[index].first_token])
-        _finish(sequence, tokenizer, limits, decided)
-        if sequence.done:
-            results[index] = sequence.known
-        else:
-            waiting.append(sequence)
+    window = passes.batch_size
+    waiting, results = _first_tokens(prompts, passes.order, pool, limits, tokenizer, decided)
     if advance and results:
         advance(len(results))
     active: list[_Sequence] = []
@@ -110,6 +100,21 @@ def speculative_greedy(
             batch.keep([row for row, s in enumerate(active) if not s.done])
             active = [s for s in active if not s.done]
     return results
+
+
+def _first_tokens(prompts: dict[int, PromptState], order: list[int], pool, limits: DecodingLimits, tokenizer, decided):
+    """(waiting sequences, last to start first; responses already finished by their first token)."""
+    if pool is not None:  # longest expected response first: the window ends on short ones, not a long tail
+        order = sorted(order, key=lambda index: pool.expected_length(index, limits.max_new_tokens), reverse=True)
+    waiting, results = [], {}
+    for index in reversed(order):
+        sequence = _Sequence(index, [prompts[index].first_token])
+        _finish(sequence, tokenizer, limits, decided)
+        if sequence.done:
+            results[index] = sequence.known
+        else:
+            waiting.append(sequence)
+    return waiting, results
 
 
 class _Batch:
