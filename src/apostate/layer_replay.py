@@ -5,8 +5,8 @@ same prompts (same batch, same padding, same prefix cache) computes exactly what
 model computed, so those layers' outputs are recorded once and replayed: the first edited
 layer gets its recorded input, and the layers below it do not run. For prompts that go on
 to generate, the replayed layers also put their recorded keys and values into the cache.
-Trials put their first edit at about a third of the depth, so a third of every prompt
-pass (the KL pass and the prompts before generation) is saved.
+In the demo model's side-by-side run the first edit sat at layer 9.5 of 24 on average, so
+40% of the layers of every prompt pass (the KL pass, the prompts before generation) is saved.
 
 Records grow as passes run: a pass with k unchanged layers records any of those k that
 its record lacks, so a resumed run (whose base scores came from disk) fills them too.
