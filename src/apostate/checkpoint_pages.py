@@ -57,11 +57,12 @@ def release_checkpoint_pages() -> None:
 
 @contextmanager
 def releasing_checkpoint_pages(interval: float = 0.2):
-    """Drop checkpoint pages every `interval` seconds while the block runs (a quantizing load).
+    """Drop checkpoint pages every `interval` seconds while the block runs (a load).
 
-    Quantizing reads every page of the checkpoint once; dropping them as it goes keeps the
-    load's peak near the quantized model's size instead of the checkpoint's. A page being
-    read when it is dropped is simply read again from the file.
+    Quantizing, or casting to another dtype, reads every page of the checkpoint once;
+    dropping them as it goes keeps the load's peak near the loaded model's size instead of
+    model plus checkpoint (bfloat16 from a float32 checkpoint: 3.79 GiB before, on the demo).
+    A page being read when it is dropped is simply read again from the file.
     """
     done = threading.Event()
 

@@ -111,9 +111,8 @@ def _from_pretrained(source: ModelSource, settings: Settings, dtype_name: str):
         kwargs["max_memory"] = {_device_key(k): v for k, v in settings.max_memory.items()}
     if settings.quantization == "bnb_4bit":
         kwargs["quantization_config"] = _bnb_4bit_config(dtype)
-        with releasing_checkpoint_pages():  # quantizing reads every page once
-            return AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
-    return AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    with releasing_checkpoint_pages():  # quantizing or casting reads every page once
+        return AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
 
 
 def column_major_cpu_weights(model) -> int:
