@@ -6,7 +6,10 @@ peak of the phase in progress; on a GPU, torch's own peak counter is reset at ea
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import statistics
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -92,6 +95,21 @@ def median_trial_phases(trial_seconds: list[dict]) -> dict[str, float]:
         for phase in phases
         if (values := [seconds[phase] for seconds in trial_seconds if phase in seconds])
     }
+
+
+def trim_free_memory() -> None:
+    """Hand memory that is free but still held by the allocator back to the system (glibc only).
+
+    A trial's transient tensors are freed into malloc's heap, which keeps them; each trial
+    would otherwise start from the highest point of the ones before (0.13 GiB after one
+    generation on the demo model).
+    """
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (musl): nothing to trim
+            pass
 
 
 def _gib(size: int) -> str:

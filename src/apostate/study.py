@@ -25,6 +25,7 @@ from optuna.trial import TrialState
 from .errors import ApostateError
 from .layer_replay import ALL_LAYERS
 from .methods import BrokenEdit
+from .monitor import trim_free_memory
 from .progress import console, track
 
 STUDY_NAME = "apostate"
@@ -133,6 +134,7 @@ class TrialRunner:
         mark = time.perf_counter()
         refusals = self.scorer.count_refusals(self.model, unchanged)
         timings["refusals"] = time.perf_counter() - mark
+        trim_free_memory()
         timings["total"] = time.perf_counter() - start
         total = len(self.scorer.harmful_texts)
         trial.set_user_attr("refusals", refusals)
