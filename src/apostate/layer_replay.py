@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 ALL_LAYERS = 1 << 30  # `unchanged` for a model without any edit
 
@@ -94,8 +95,11 @@ class _Replayed(nn.Module):
         super().__init__()
         self.index, self.record, self.last, self.with_cache = index, record, last, with_cache
 
-    def forward(self, hidden_states, *args, cache=None, **kwargs):
-        if self.with_cache and cache is not None:
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.with_cache:
+            cache = next((value for value in kwargs.values() if isinstance(value, Cache)), None)
+            if cache is None:  # a layer calling convention this does not know: never replay silently wrong
+                raise RuntimeError(f"decoder layer {self.index} was called without a cache to replay into")
             cache.update(self.record.keys[self.index], self.record.values[self.index], self.index)
         return self.record.outputs[self.index] if self.last else hidden_states
 
