@@ -25,7 +25,7 @@ import optuna
 def main(argv: list[str]) -> None:
     from apostate.batching import last_position_logprobs
     from apostate.generation import _generate_plain
-    from apostate.layer_replay import ALL_LAYERS
+    from apostate.layer_replay import unchanged_layers
     from apostate.monitor import PhaseMonitor
     from apostate.pipeline import run_dir_for, start_session
     from apostate.scoring import kl_divergence
@@ -63,7 +63,7 @@ def main(argv: list[str]) -> None:
         plain_logprobs = last_position_logprobs(model, s.tokenizer, scorer.harmless_texts, s.batch_size, s.device)
         row["kl plain"] = time.perf_counter() - start
         start = time.perf_counter()
-        unchanged = min(session.method.edited_layers(), default=ALL_LAYERS)  # as in a trial
+        unchanged = unchanged_layers(session.method.edited_layers())  # as in a trial
         fast_kl = scorer.kl(model, unchanged)  # also gives the pool the model's signature
         row["kl fast"] = time.perf_counter() - start
         row["kl diff"] = abs(fast_kl - kl_divergence(scorer.base_logprobs, plain_logprobs))

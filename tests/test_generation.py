@@ -145,10 +145,10 @@ def test_drafts_come_from_the_nearest_earlier_model_first():
     pool.begin(far)
     pool.add(0, [1, 2, 9, 9])
     pool.begin(far + 0.1)  # like the newest model
-    assert pool.draft(0, [1, 2], 2) == [9, 9]
+    assert pool.propose(0, [1, 2], 2)[0] == [9, 9]
     pool.begin(near + 0.1)  # like the first model, although its response is older
-    assert pool.draft(0, [1, 2], 2) == [3, 4]
-    assert pool.draft(0, [5, 5, 5], 2) == []  # nothing known matches: no draft
+    assert pool.propose(0, [1, 2], 2)[0] == [3, 4]
+    assert pool.propose(0, [5, 5, 5], 2)[0] == []  # nothing known matches: no draft
 
 
 def test_column_major_weights_change_no_output():

@@ -63,7 +63,7 @@ def test_fast_scoring_gives_the_verdicts_of_full_generation(tmp_path):
 
     from apostate.batching import last_position_logprobs
     from apostate.generation import _generate_plain
-    from apostate.layer_replay import ALL_LAYERS
+    from apostate.layer_replay import unchanged_layers
     from apostate.monitor import PhaseMonitor
     from apostate.pipeline import start_session
     from apostate.scoring import kl_divergence
@@ -81,7 +81,7 @@ def test_fast_scoring_gives_the_verdicts_of_full_generation(tmp_path):
     for _ in range(4):
         session.method.reset()
         session.method.apply(session.method.suggest(sampler.ask()))
-        unchanged = min(session.method.edited_layers(), default=ALL_LAYERS)  # replayed as in a trial
+        unchanged = unchanged_layers(session.method.edited_layers())  # replayed as in a trial
         fast_kl = scorer.kl(session.model, unchanged)
         plain_logprobs = last_position_logprobs(session.model, setup.tokenizer, scorer.harmless_texts,
                                                 setup.batch_size, setup.device)  # fmt: skip

@@ -16,6 +16,7 @@ elsewhere it does nothing.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import sys
 import threading
@@ -80,6 +81,7 @@ def releasing_checkpoint_pages(interval: float = 0.2):
         release_checkpoint_pages()
 
 
+@functools.cache
 def _libc():
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]

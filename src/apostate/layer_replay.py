@@ -14,14 +14,19 @@ its record lacks, so a resumed run (whose base scores came from disk) fills them
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.cache_utils import Cache
 
 ALL_LAYERS = 1 << 30  # `unchanged` for a model without any edit
+
+
+def unchanged_layers(edited_layers: set[int]) -> int:
+    """How many leading decoder layers an edit of `edited_layers` leaves as the base model's."""
+    return min(edited_layers, default=ALL_LAYERS)
 
 
 @dataclass
@@ -95,16 +100,18 @@ class _Replayed(nn.Module):
         super().__init__()
         self.index, self.record, self.last, self.with_cache = index, record, last, with_cache
 
-    def forward(self, hidden_states, *args, **kwargs):
+    def forward(self, hidden_states, *args, cache=None, **kwargs):
         if self.with_cache:
-            cache = next((value for value in kwargs.values() if isinstance(value, Cache)), None)
-            if cache is None:  # a layer calling convention this does not know: never replay silently wrong
+            if cache is None:  # never replay silently wrong
                 raise RuntimeError(f"decoder layer {self.index} was called without a cache to replay into")
             cache.update(self.record.keys[self.index], self.record.values[self.index], self.index)
         return self.record.outputs[self.index] if self.last else hidden_states
 
 
 def _decoder_layers(model) -> nn.ModuleList | None:
+    """The decoder layers, where they take their cache as `cache=` (else nothing is replayed)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
-    return layers if isinstance(layers, nn.ModuleList) else None
+    if not isinstance(layers, nn.ModuleList) or not layers:
+        return None
+    return layers if "cache" in inspect.signature(layers[0].forward).parameters else None

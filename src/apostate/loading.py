@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_pages import checkpoint_mappings, drop_pages, release_checkpoint_pages, releasing_checkpoint_pages
+from .checkpoint_pages import checkpoint_mappings, drop_pages, releasing_checkpoint_pages
 from .errors import ApostateError
 from .progress import console
 from .settings import Settings
@@ -63,8 +63,7 @@ def load_model(source: ModelSource, settings: Settings, tokenizer=None) -> Loade
         try:
             model = _from_pretrained(source, settings, dtype_name)
             if not settings.trust_remote_code:  # custom model code may assume contiguous weights
-                column_major_cpu_weights(model)
-            release_checkpoint_pages()
+                column_major_cpu_weights(model)  # drops each copied block's pages itself
             _contiguous_head_input(model)
             _test_generation(model, tokenizer)
         except torch.OutOfMemoryError:

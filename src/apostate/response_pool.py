@@ -111,9 +111,6 @@ class ResponsePool:
         ranked = self._ranked(index)
         return len(ranked[0]) if ranked else unknown
 
-    def draft(self, index: int, known: list[int], length: int, anchor: int = 3) -> list[int]:
-        return self.propose(index, known, length, anchor)[0]
-
     def propose(self, index: int, known: list[int], length: int, anchor: int = 3) -> tuple[list[int], str]:
         """Up to `length` tokens to guess what follows `known`, and the kind of guess.
 

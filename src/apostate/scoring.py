@@ -69,12 +69,9 @@ class Scorer:
 
     def logprobs(self, model, unchanged: int = 0) -> torch.Tensor:
         s = self.setup
-        shared = last_position_logprobs_shared(
+        return first_token_logprobs(
             model, s.tokenizer, self.harmless_texts, s.batch_size, s.device, self.harmless_replay, unchanged
         )
-        if shared is not None:
-            return shared
-        return last_position_logprobs(model, s.tokenizer, self.harmless_texts, s.batch_size, s.device)
 
     def kl(self, model, unchanged: int = 0) -> float:
         """KL(base ‖ model), averaged over the harmless prompts.
@@ -114,9 +111,12 @@ class Scorer:
         return Scores(self.kl(model), self.count_refusals(model), len(self.harmful_texts))
 
 
-def first_token_logprobs(model, tokenizer, texts: list[str], batch_size: int, device) -> torch.Tensor:
-    """(len(texts), vocab) log-probabilities, computing the shared chat-template prefix once where possible."""
-    shared = last_position_logprobs_shared(model, tokenizer, texts, batch_size, device)
+def first_token_logprobs(
+    model, tokenizer, texts: list[str], batch_size: int, device, replay: LayerReplay | None = None, unchanged: int = 0
+) -> torch.Tensor:
+    """(len(texts), vocab) log-probabilities, computing the shared chat-template prefix once where possible
+    (and, with a `replay`, skipping the first `unchanged` layers: see layer_replay)."""
+    shared = last_position_logprobs_shared(model, tokenizer, texts, batch_size, device, replay, unchanged)
     return shared if shared is not None else last_position_logprobs(model, tokenizer, texts, batch_size, device)
 
 

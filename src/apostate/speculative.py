@@ -129,14 +129,13 @@ class _Batch:
 
     def add_rows(self, prompts: list[PromptState]) -> None:
         """Each new row holds its prompt's keys and values, right-aligned: last tokens share a column."""
-        width = max(self.mask.shape[1], *(p.keys[0].shape[1] for p in prompts))
+        width = max(self.mask.shape[1], *(p.length for p in prompts))
         self._widen(width)
-        rows = [torch.cat([torch.zeros(width - p.keys[0].shape[1], dtype=torch.long),
-                           torch.ones(p.keys[0].shape[1], dtype=torch.long)]) for p in prompts]  # fmt: skip
+        rows = [F.pad(torch.ones(p.length, dtype=torch.long), (width - p.length, 0)) for p in prompts]
         self.mask = torch.cat([self.mask, torch.stack(rows).to(self.device)])
         layers = [
-            (torch.stack([_left_slots(p.keys[i], width - p.keys[i].shape[1]) for p in prompts]),
-             torch.stack([_left_slots(p.values[i], width - p.values[i].shape[1]) for p in prompts]))
+            (torch.stack([_left_slots(p.keys[i], width - p.length) for p in prompts]),
+             torch.stack([_left_slots(p.values[i], width - p.length) for p in prompts]))
             for i in range(len(prompts[0].keys))
         ]  # fmt: skip
         if self.cache is None:

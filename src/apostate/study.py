@@ -23,7 +23,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from .errors import ApostateError
-from .layer_replay import ALL_LAYERS
+from .layer_replay import unchanged_layers
 from .methods import BrokenEdit
 from .monitor import trim_free_memory
 from .progress import console, track
@@ -124,7 +124,7 @@ class TrialRunner:
             self._infeasible(trial, timings, start, str(error), float("inf"))
         timings["edit"] = time.perf_counter() - mark
         mark = time.perf_counter()
-        unchanged = min(self.method.edited_layers(), default=ALL_LAYERS)  # decoder layers below the edit
+        unchanged = unchanged_layers(self.method.edited_layers())
         kl = self.scorer.kl(self.model, unchanged)
         timings["kl"] = time.perf_counter() - mark
         trial.set_user_attr("kl", kl)
