@@ -195,3 +195,27 @@ def test_broken_or_far_off_trials_are_infeasible_pruned_and_never_on_the_front(t
     assert bad_scorer.counted == 0  # no refusal counting for an unusable model
     assert "infeasible" in finished[1].user_attrs and finished[1].values is None  # no made-up objective values
     assert [t.number for t in study.best_trials] == [0]
+
+
+def test_trials_draft_from_the_base_models_responses_in_a_fresh_and_a_resumed_run(model_dir, tmp_path):
+    """The base model's responses, measured at start-up (or read back from the run folder),
+    are in the trial scorer's pool before the first trial, and they are its greedy responses."""
+    from apostate.generation import _generate_plain
+    from apostate.monitor import PhaseMonitor
+    from apostate.pipeline import start_session
+    from apostate.settings import parse_command_line
+    from apostate.sources import resolve_source
+
+    settings = parse_command_line([str(model_dir), "--run-dir", str(tmp_path / "run"), *SMALL])
+    source = resolve_source(settings.model, None, tmp_path)
+    (tmp_path / "run").mkdir()
+    pools = []
+    for _ in range(2):  # the second session reads the start-up measurements back
+        session = start_session(settings, source, tmp_path / "run", PhaseMonitor())
+        pools.append(session.scorer.pool.newest())
+    assert pools[0] == pools[1] and all(pools[0])
+    scorer, tokenizer = session.scorer, session.loaded.tokenizer
+    setup = scorer.setup
+    full = _generate_plain(session.model, tokenizer, scorer.harmful_texts, setup.max_new_tokens, 8, "cpu", None, None)
+    for tokens, text in zip(pools[0], full, strict=True):  # early-stopped responses: a start of the full one
+        assert text.startswith(tokenizer.decode(tokens, skip_special_tokens=True))

@@ -157,7 +157,8 @@ def test_column_major_weights_change_no_output():
     with torch.inference_mode():
         before = model(**inputs).logits
         shapes = {name: p.shape for name, p in model.named_parameters()}
-        changed = column_major_cpu_weights(model)
+        assert column_major_cpu_weights(model, pays=lambda weight: False) == 0  # where it would not pay
+        changed = column_major_cpu_weights(model, pays=lambda weight: True)
         after = model(**inputs).logits
     linear_weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert changed == len(linear_weights) > 0

@@ -2,6 +2,7 @@
 
 import torch
 
+from apostate import greedy_head
 from apostate.greedy_head import GreedyHead
 
 
@@ -32,7 +33,7 @@ def test_near_ties_are_decided_in_float32():
     assert torch.equal(GreedyHead(linear).tokens(-hidden), linear(-hidden).argmax(-1))
 
 
-def test_keeps_the_leading_shape_and_applies_only_to_float32_cpu_projections():
+def test_keeps_the_leading_shape_and_applies_only_to_float32_cpu_projections(monkeypatch):
     linear = projection()
     hidden = torch.randn(2, 5, 64)
     assert GreedyHead(linear).tokens(hidden).shape == (2, 5)
@@ -45,6 +46,9 @@ def test_keeps_the_leading_shape_and_applies_only_to_float32_cpu_projections():
         def get_output_embeddings(self):
             return self.head
 
+    monkeypatch.setattr(greedy_head, "bfloat16_screen_pays", lambda weight: True)
     assert GreedyHead.of(Model(linear)) is GreedyHead.of(Model(linear))  # made once per projection
     assert GreedyHead.of(Model(projection().to(torch.bfloat16))) is None
     assert GreedyHead.of(Model(torch.nn.Linear(64, 10, bias=True))) is None
+    monkeypatch.setattr(greedy_head, "bfloat16_screen_pays", lambda weight: False)
+    assert GreedyHead.of(Model(projection(seed=1))) is None  # this CPU screens slower than it computes

@@ -10,7 +10,9 @@ bfloat16, float32 accumulation as in Higham's dot-product analysis, rounding of 
 with N the largest row norm of the projection, u = 2^-8 (bfloat16), g = K 2^-24 / (1 - K 2^-24)
 for K = hidden size, u' = u / (1 - u). Only tokens screened within 2E of the best can be the
 argmax; those few are computed in float32 and the largest wins. On the demo model a row had
-1.6 candidates on average (at most 22), and 80 rows take 30 ms instead of 120 ms on this CPU.
+1.6 candidates on average (at most 22), and 80 rows took 30 ms instead of 120 ms on an Intel CPU
+with AVX-512 and AMX. Whether the screen pays is timed on the machine (kernel_timing): on CPUs
+without bfloat16 instructions it is slower than the float32 product, and is not used.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import weakref
 
 import torch
 import torch.nn.functional as F
+
+from .kernel_timing import bfloat16_screen_pays
 
 BF16_ROUNDOFF = 2.0**-8
 MAX_CANDIDATES = 4096  # beyond this many, the plain float32 projection is as cheap
@@ -46,6 +50,8 @@ class GreedyHead:
             return None
         if weight.dtype != torch.float32 or weight.device.type != "cpu":
             return None  # bfloat16 models gain nothing; accelerators run float32 fast enough
+        if not bfloat16_screen_pays(weight):
+            return None  # CPUs without bfloat16 instructions screen slower than they compute exactly
         if projection not in _heads:
             _heads[projection] = cls(projection)
         return _heads[projection]

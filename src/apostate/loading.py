@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 
 from .checkpoint_pages import checkpoint_mappings, drop_pages, releasing_checkpoint_pages
 from .errors import ApostateError
+from .kernel_timing import column_major_pays
 from .progress import console
 from .settings import Settings
 from .sources import ModelSource
@@ -114,15 +116,16 @@ def _from_pretrained(source: ModelSource, settings: Settings, dtype_name: str):
         return AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
 
 
-def column_major_cpu_weights(model) -> int:
-    """Store float32 Linear weights on the CPU transposed in memory (same shape, strides (1, out)).
+def column_major_cpu_weights(model, pays: Callable[[torch.Tensor], bool] = column_major_pays) -> int:
+    """Store float32 Linear weights on the CPU transposed in memory (same shape, strides (1, out)),
+    for the weight shapes where `pays` (by default: timed on this machine, see kernel_timing).
 
-    Then `F.linear` hands MKL an (in, out) row-major matrix, which its float32 GEMM reads
-    faster when few rows go through: a 16-row decoding step of the demo model takes 0.19 s
-    instead of 0.25 s. At the demo model's shapes the outputs are bit-identical (measured);
-    at others MKL may pick another kernel and round differently (1e-7 on a 64-wide test
-    model). Prefill-sized inputs run at the same speed either way; bfloat16 gets slower, so
-    only float32 is changed. Returns how many weights were changed.
+    Then `F.linear` hands the GEMM an (in, out) row-major matrix, which some CPUs' float32
+    kernels read faster when few rows go through: a 16-row decoding step of the demo model
+    took 0.19 s instead of 0.25 s on an Intel machine with AVX-512, while an AMD machine with
+    AVX2 ran the down projection 1.4x slower that way. The products are the same up to
+    rounding (another kernel may sum in another order: 1e-7 on a 64-wide test model).
+    bfloat16 weights are never changed. Returns how many weights were changed.
     """
     changed = 0
     mappings = checkpoint_mappings()  # the old weights' pages go as soon as their copies exist
@@ -132,6 +135,8 @@ def column_major_cpu_weights(model) -> int:
             if not isinstance(module, torch.nn.Linear) or weight is None or weight.dim() != 2:
                 continue
             if weight.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous():
+                continue
+            if not pays(weight):
                 continue
             weight.data = _column_major_copy(weight.data, mappings)
             changed += 1

@@ -110,7 +110,7 @@ def start_session(settings: Settings, source: ModelSource, run_dir: Path, monito
         startup = prepare(adapter.model, tokenizer, loaded.device, settings, prompts, run_dir, key)
     texts = Texts(tokenizer, settings, prompts, startup.response_prefix)
     scorer = evaluation_scorer(tokenizer, loaded.device, settings, startup.batch_size, texts)
-    scorer.base_logprobs = startup.base_logprobs
+    scorer.resume_from_base(startup.base_logprobs, startup.base_responses)
     components = [c for c in settings.components if c in architecture.components()]
     context = MethodContext(adapter, settings, architecture.n_layers, components, startup.directions)
     if method_class.needs_captures:

@@ -102,6 +102,10 @@ class ResponsePool:
         pool = [(model, old) for model, old in self.responses[index] if old != tokens]
         self.responses[index] = [(len(self.signatures) - 1, tokens), *pool][: self.per_prompt]
 
+    def newest(self) -> list[list[int]]:
+        """Each prompt's latest response (empty where it has none)."""
+        return [entries[0][1] if entries else [] for entries in self.responses]
+
     def _ranked(self, index: int) -> list[list[int]]:
         entries = sorted(self.responses[index], key=lambda entry: self.rank.get(entry[0], 0.0))
         return [tokens for _, tokens in entries]

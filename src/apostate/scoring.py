@@ -62,6 +62,18 @@ class Scorer:
         self._signature = self._signature_of(self.base_logprobs)
         return Scores(0.0, self.count_refusals(model), len(self.harmful_texts))
 
+    def base_responses(self) -> list[list[int]]:
+        """The token ids the base model answered the harmful prompts with (after `record_base`)."""
+        return self.pool.newest() if self.pool is not None else []
+
+    def resume_from_base(self, base_logprobs: torch.Tensor, base_responses: list[list[int]]) -> None:
+        """Take the base model's scores measured earlier: its distributions, and its responses as drafts."""
+        self.base_logprobs = base_logprobs
+        if self.pool is not None and base_responses:
+            self.pool.begin(self._signature_of(base_logprobs))
+            for index, tokens in enumerate(base_responses):
+                self.pool.add(index, tokens)
+
     def _signature_of(self, logprobs: torch.Tensor) -> torch.Tensor:
         """A model's log-probabilities of the base's likeliest first tokens: nearby models write alike."""
         top = self.base_logprobs.topk(SIGNATURE_TOKENS, dim=-1).indices

@@ -20,6 +20,7 @@ from .scoring import Scorer, ScoringSetup
 from .settings import PromptSetSpec, Settings
 
 CACHE_FILE = "startup.pt"
+CACHE_VERSION = 2  # raised whenever Startup changes, so older caches are measured again
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class Startup:
     directions: Tensor  # (layers + 1, hidden)
     base_logprobs: Tensor  # first-token log-probabilities on the harmless evaluation prompts
     base_refusals: int  # on the harmful evaluation prompts
+    base_responses: list[list[int]]  # the base model's responses to them (token ids): the first trial's drafts
     seconds: dict[str, float]
 
 
@@ -66,11 +68,11 @@ def prepare(model, tokenizer, device, settings: Settings, prompts: PromptSets, r
     cache = run_dir / CACHE_FILE
     if cache.is_file():
         stored = torch.load(cache, weights_only=False)
-        if stored.get("key") == key:
+        if stored.get("key") == key and stored.get("version") == CACHE_VERSION:
             console.print("Reusing start-up measurements from the run folder.")
             return stored["startup"]
     startup = _measure(model, tokenizer, device, settings, prompts)
-    torch.save({"key": key, "startup": startup}, cache)
+    torch.save({"key": key, "version": CACHE_VERSION, "startup": startup}, cache)
     return startup
 
 
@@ -125,7 +127,9 @@ def _measure(model, tokenizer, device, settings: Settings, prompts: PromptSets) 
     base = scorer.record_base(model)
     console.print(f"* Base model refuses [bold]{base.refusals}/{base.total}[/] harmful evaluation prompts")
     seconds["base_scores"] = time.perf_counter() - start
-    return Startup(batch_size, prefix, directions, scorer.base_logprobs, base.refusals, seconds)
+    return Startup(
+        batch_size, prefix, directions, scorer.base_logprobs, base.refusals, scorer.base_responses(), seconds
+    )
 
 
 def evaluation_scorer(
