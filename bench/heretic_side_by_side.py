@@ -275,7 +275,7 @@ def best_within(result: dict, max_kl: float) -> str:
 
 
 def print_table(results: dict[str, dict], max_kl: float) -> None:
-    names = list(results)
+    names = [name for name in ("apostate", "heretic") if name in results]  # the ratio column is heretic/apostate
     ratios = len(names) == 2
     rows = [
         ("start-up s", "startup"),

@@ -11,7 +11,7 @@ import torch
 
 from .checkpoint_pages import checkpoint_mappings, drop_pages, releasing_checkpoint_pages
 from .errors import ApostateError
-from .kernel_timing import column_major_pays
+from .kernel_timing import column_major_pays, route_linears
 from .progress import console
 from .settings import Settings
 from .sources import ModelSource
@@ -66,6 +66,7 @@ def load_model(source: ModelSource, settings: Settings, tokenizer=None) -> Loade
             model = _from_pretrained(source, settings, dtype_name)
             if not settings.trust_remote_code:  # custom model code may assume contiguous weights
                 column_major_cpu_weights(model)  # drops each copied block's pages itself
+                route_linears(model)
             _contiguous_head_input(model)
             _test_generation(model, tokenizer)
         except torch.OutOfMemoryError:

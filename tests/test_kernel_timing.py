@@ -1,0 +1,50 @@
+"""Kernel choices made by timing change how a product is computed, never what it is."""
+
+import torch
+from tiny import tiny_model
+
+from apostate import kernel_timing
+from apostate.kernel_timing import ROW_RANGES, route_linears
+
+
+def test_layers_routed_to_onednn_give_the_same_outputs_and_see_in_place_edits():
+    model, tokenizer = tiny_model("qwen2", layers=2, seed=4, initializer_range=0.3)
+    inputs = tokenizer(["hi", "tell me a story about a dragon"], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        before = model(**inputs).logits
+        linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        assert route_linears(model, pays=lambda weight: (False,) * len(ROW_RANGES)) == 0
+        assert route_linears(model, pays=lambda weight: (True,) * len(ROW_RANGES)) == len(linear)
+        calls = []
+        original = kernel_timing.onednn_linear
+        kernel_timing.onednn_linear = lambda *args: calls.append(1) or original(*args)
+        try:
+            after = model(**inputs).logits
+        finally:
+            kernel_timing.onednn_linear = original
+        assert len(calls) == len(linear)  # every layer went through oneDNN
+        assert torch.allclose(before, after, rtol=1e-5, atol=1e-5)
+        head = model.get_output_embeddings()
+        head.weight.mul_(2)  # an edit written in place (as ARA writes its edits) takes effect at once
+        assert torch.allclose(model(**inputs).logits, 2 * after, rtol=1e-5, atol=1e-4)
+
+
+def test_routed_layers_fall_back_to_mkl_outside_their_row_ranges_and_for_gradients():
+    layer = torch.nn.Linear(16, 8)
+    choices = tuple(most is not None and most < 100 for most, _ in ROW_RANGES)  # oneDNN for few rows only
+    assert route_linears(layer, pays=lambda weight: choices) == 1
+    calls = []
+    original = kernel_timing.onednn_linear
+    kernel_timing.onednn_linear = lambda *args: calls.append(1) or original(*args)
+    try:
+        with torch.no_grad():
+            few, many = torch.randn(2, 3, 16), torch.randn(600, 16)
+            assert torch.allclose(layer(few), torch.nn.functional.linear(few, layer.weight, layer.bias), atol=1e-6)
+            assert len(calls) == 1
+            layer(many)
+            assert len(calls) == 1  # a prompt-sized batch takes MKL
+        x = torch.randn(2, 16, requires_grad=True)
+        layer(x).sum().backward()  # gradients flow: the autograd path is F.linear
+        assert x.grad is not None and len(calls) == 1
+    finally:
+        kernel_timing.onednn_linear = original
