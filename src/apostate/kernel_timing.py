@@ -48,9 +48,7 @@ def bfloat16_screen_pays(weight: torch.Tensor) -> bool:
         sample = weight.detach()[:SAMPLE_OUTPUTS]
         screen = sample.to(torch.bfloat16)
         inputs = _inputs(sample)
-        _choices[key] = _faster(
-            lambda x: F.linear(x.to(torch.bfloat16), screen), lambda x: F.linear(x, sample), inputs
-        )
+        _choices[key] = _faster(lambda x: F.linear(x.to(torch.bfloat16), screen), lambda x: F.linear(x, sample), inputs)
     return _choices[key]
 
 
@@ -101,7 +99,11 @@ def route_linears(model, pays: Callable[[torch.Tensor], tuple[bool, ...]] = oned
 def _routed_forward(module: torch.nn.Linear, choices: tuple[bool, ...], x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     chosen = next(choice for (most, _), choice in zip(ROW_RANGES, choices, strict=True) if most is None or rows <= most)
-    if not chosen or x.dtype != torch.float32 or (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad)):
+    if (
+        not chosen
+        or x.dtype != torch.float32
+        or (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad))
+    ):
         return F.linear(x, module.weight, module.bias)
     flat = x.reshape(-1, x.shape[-1])
     return onednn_linear(flat, module.weight, module.bias).reshape(*x.shape[:-1], module.weight.shape[0])

@@ -64,9 +64,7 @@ def load_model(source: ModelSource, settings: Settings, tokenizer=None) -> Loade
         console.print(f"* Trying dtype [bold]{dtype_name}[/]... ", end="")
         try:
             model = _from_pretrained(source, settings, dtype_name)
-            if not settings.trust_remote_code:  # custom model code may assume contiguous weights
-                column_major_cpu_weights(model)  # drops each copied block's pages itself
-                route_linears(model)
+            kernels = _fastest_cpu_kernels(model) if not settings.trust_remote_code else ""
             _contiguous_head_input(model)
             _test_generation(model, tokenizer)
         except torch.OutOfMemoryError:
@@ -75,6 +73,8 @@ def load_model(source: ModelSource, settings: Settings, tokenizer=None) -> Loade
             failures.append(f"{dtype_name}: {_first_line(error)}")
         else:
             console.print("[green]ok[/]")
+            if kernels:
+                console.print(kernels)
             model.eval()
             model.requires_grad_(False)
             dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
@@ -115,6 +115,19 @@ def _from_pretrained(source: ModelSource, settings: Settings, dtype_name: str):
         kwargs["quantization_config"] = _bnb_4bit_config(dtype)
     with releasing_checkpoint_pages():  # quantizing or casting reads every page once
         return AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+
+
+def _fastest_cpu_kernels(model) -> str:
+    """Weight layouts and GEMM libraries timed on this CPU (kernel_timing); what was chosen, for the console.
+
+    Not for remote code: custom model code may assume contiguous weights."""
+    transposed = column_major_cpu_weights(model)  # drops each copied block's pages itself
+    routed = route_linears(model)
+    if not transposed and not routed:
+        return ""
+    return (
+        f"* Timed on this CPU: {transposed} weights column-major, {routed} Linear layers on oneDNN for some row counts"
+    )
 
 
 def column_major_cpu_weights(model, pays: Callable[[torch.Tensor], bool] = column_major_pays) -> int:
