@@ -167,13 +167,21 @@ class _Batch:
         ids, chunk_mask = ids.to(self.device), chunk_mask.to(self.device)
         self.mask = torch.cat([self.mask, chunk_mask], 1)
         inputs = dict(input_ids=ids, attention_mask=self.mask, position_ids=positions(self.mask, width))
-        if self.head is None:
+        projection = model.get_output_embeddings()
+        if projection is None:  # no separate output projection to call: the model's own pass
             output = model(**inputs, cache=self.cache, use_cache=True, logits_to_keep=width)
-            tokens = output.logits.argmax(-1)
-        else:
-            output = model.get_decoder()(**inputs, cache=self.cache, use_cache=True)
-            tokens = self.head.tokens(output.last_hidden_state[:, -width:])
+            self.cache = output.cache
+            return output.logits.argmax(-1).tolist()
+        output = model.get_decoder()(**inputs, cache=self.cache, use_cache=True)
         self.cache = output.cache
+        # Only each row's last token and draft need a greedy token, so the output projection
+        # (the largest product of the pass) skips the padding after shorter drafts. Scaling or
+        # capping that a model applies to its logits afterwards is monotone: same argmax.
+        real = chunk_mask.bool()
+        hidden = output.last_hidden_state[:, -width:][real]
+        chosen = self.head.tokens(hidden) if self.head is not None else projection(hidden).argmax(-1)
+        tokens = torch.full((len(last_tokens), width), pad_id, dtype=torch.long, device=self.device)
+        tokens[real] = chosen
         return tokens.tolist()
 
     def hide_rejected(self, row: int, draft_length: int, accepted: int) -> None:
