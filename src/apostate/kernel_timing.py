@@ -31,13 +31,18 @@ _choices: dict[tuple, bool] = {}
 
 
 def column_major_pays(weight: torch.Tensor) -> bool:
-    """Whether `F.linear` runs faster from a column-major copy of this row-major float32 weight."""
+    """Whether `F.linear` from a column-major copy of this row-major float32 weight beats the
+    row-major weight with the faster of MKL and oneDNN (route_linears picks that per row range)."""
     key = ("column-major", tuple(weight.shape), weight.dtype)
     if key not in _choices:
         sample = weight.detach()[:SAMPLE_OUTPUTS].contiguous()
         transposed = sample.t().contiguous().t()
-        inputs = _inputs(sample)
-        _choices[key] = _faster(lambda x: F.linear(x, transposed), lambda x: F.linear(x, sample), inputs)
+        column_major = sum(_seconds(lambda x: F.linear(x, transposed), x) for x in _inputs(sample))
+        row_major = sum(
+            min(_seconds(lambda x: F.linear(x, sample), x), _seconds(lambda x: onednn_linear(x, sample), x))
+            for x in _inputs(sample)
+        )
+        _choices[key] = column_major < MARGIN * row_major
     return _choices[key]
 
 
@@ -120,7 +125,7 @@ def _faster(candidate: Callable, current: Callable, inputs: list[torch.Tensor]) 
     return sum(_seconds(candidate, x) for x in inputs) < MARGIN * sum(_seconds(current, x) for x in inputs)
 
 
-def _seconds(function: Callable, x: torch.Tensor, repeats: int = 3) -> float:
+def _seconds(function: Callable, x: torch.Tensor, repeats: int = 5) -> float:
     function(x)  # warm-up: first calls pay for allocation and kernel selection
     best = float("inf")
     for _ in range(repeats):
