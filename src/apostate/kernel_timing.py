@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 ROWS = (16, 128)  # a decoding pass of batch-size rows; one with drafts, or a batch of prompts
 SAMPLE_OUTPUTS = 4096  # output rows of the weight timed: the kernel's choice depends on the inner size
+ROW_RANGES = ((48, 16), (256, 128), (None, 512))  # (most rows, rows timed): decoding, drafts, prompt batches
 MARGIN = 0.95  # the other way must be at least 5% faster: timing noise never flips a choice back and forth
 
 _choices: dict[tuple, bool] = {}
@@ -37,10 +38,11 @@ def column_major_pays(weight: torch.Tensor) -> bool:
     if key not in _choices:
         sample = weight.detach()[:SAMPLE_OUTPUTS].contiguous()
         transposed = sample.t().contiguous().t()
-        column_major = sum(_seconds(lambda x: F.linear(x, transposed), x) for x in _inputs(sample))
+        inputs = _inputs(sample)
+        column_major = sum(_seconds(lambda x: F.linear(x, transposed), x) for x in inputs)
         row_major = sum(
             min(_seconds(lambda x: F.linear(x, sample), x), _seconds(lambda x: onednn_linear(x, sample), x))
-            for x in _inputs(sample)
+            for x in inputs
         )
         _choices[key] = column_major < MARGIN * row_major
     return _choices[key]
@@ -57,9 +59,6 @@ def bfloat16_screen_pays(weight: torch.Tensor) -> bool:
     return _choices[key]
 
 
-ROW_RANGES = ((48, 16), (256, 128), (None, 512))  # (most rows, rows timed): decoding, drafts, prompt batches
-
-
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear` computed by oneDNN instead of MKL: float32 throughout, the sums in another order."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
@@ -70,10 +69,9 @@ def onednn_pays(weight: torch.Tensor) -> tuple[bool, ...]:
     key = ("oneDNN", tuple(weight.shape), weight.stride(), weight.dtype)
     if key not in _choices:
         sample = weight.detach()[:SAMPLE_OUTPUTS]
-        generator = torch.Generator().manual_seed(0)
         _choices[key] = tuple(
             _faster(partial(onednn_linear, weight=sample), partial(F.linear, weight=sample), [x])
-            for x in (torch.randn(rows, sample.shape[1], generator=generator) for _, rows in ROW_RANGES)
+            for x in _inputs(sample, [rows for _, rows in ROW_RANGES])
         )
     return _choices[key]
 
@@ -114,9 +112,9 @@ def _routed_forward(module: torch.nn.Linear, choices: tuple[bool, ...], x: torch
     return onednn_linear(flat, module.weight, module.bias).reshape(*x.shape[:-1], module.weight.shape[0])
 
 
-def _inputs(weight: torch.Tensor) -> list[torch.Tensor]:
+def _inputs(weight: torch.Tensor, row_counts=ROWS) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(0)
-    return [torch.randn(rows, weight.shape[1], generator=generator, dtype=weight.dtype) for rows in ROWS]
+    return [torch.randn(rows, weight.shape[1], generator=generator, dtype=weight.dtype) for rows in row_counts]
 
 
 @torch.inference_mode()
