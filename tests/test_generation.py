@@ -190,3 +190,27 @@ def test_replayed_layers_give_what_running_them_gives():
     assert len(calls) == plain_calls - 2 - 2  # layer 0 skipped in both prompt passes of both sets
     # Replaying the edited layer too gives the base model's layer 2: the records are what runs.
     assert not torch.equal(last_position_logprobs_shared(model, tokenizer, texts, 4, "cpu", harmless, 3), expected)
+
+
+def test_each_pass_carries_the_least_advanced_sequences(tiny, monkeypatch):
+    import apostate.speculative as speculative
+
+    model, tokenizer, texts = tiny
+    expected = plain(model, tokenizer, texts)
+    pool = ResponsePool(len(texts))
+    generate(model, tokenizer, texts, TOKENS, 2, "cpu", pool=pool)
+    for index, tokens in enumerate(corrupted([r[0][1] for r in pool.responses], seed=1)):
+        pool.add(index, tokens)  # some drafts hold to the end, some break early: sequences advance unevenly
+    passes: list[tuple[list[int], list[int]]] = []  # per pass: known lengths carried, and left to wait
+    choose = speculative.least_advanced
+
+    def spy(running, count):
+        chosen = choose(running, count)
+        passes.append(([len(s.known) for s in chosen], [len(s.known) for s in running if s not in chosen]))
+        return chosen
+
+    monkeypatch.setattr(speculative, "least_advanced", spy)
+    assert generate(model, tokenizer, texts, TOKENS, 2, "cpu", pool=pool) == expected
+    assert all(len(carried) <= 2 for carried, _ in passes)
+    assert any(waiting and len(set(carried + waiting)) > 1 for carried, waiting in passes)  # a real choice was made
+    assert all(max(carried) <= min(waiting, default=TOKENS) for carried, waiting in passes)

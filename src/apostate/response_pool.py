@@ -110,11 +110,6 @@ class ResponsePool:
         entries = sorted(self.responses[index], key=lambda entry: self.rank.get(entry[0], 0.0))
         return [tokens for _, tokens in entries]
 
-    def expected_length(self, index: int, unknown: int) -> int:
-        """The length of the nearest model's response to prompt `index`; `unknown` without one."""
-        ranked = self._ranked(index)
-        return len(ranked[0]) if ranked else unknown
-
     def propose(self, index: int, known: list[int], length: int, anchor: int = 3) -> tuple[list[int], str]:
         """Up to `length` tokens to guess what follows `known`, and the kind of guess.
 
