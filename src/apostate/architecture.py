@@ -92,6 +92,13 @@ def discover(model: nn.Module) -> Architecture:
     return Architecture(layers_path, len(layers), hidden_size, writers, unsupported)
 
 
+def decoder_layer_list(model: nn.Module) -> nn.ModuleList | None:
+    """The decoder layers where transformers keeps them (`get_decoder().layers`), or None."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    return layers if isinstance(layers, nn.ModuleList) and len(layers) else None
+
+
 def _decoder_layers(model: nn.Module, n_layers: int) -> tuple[str, nn.ModuleList]:
     candidates = [
         (name, module)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .architecture import decoder_layer_list
+
 ALL_LAYERS = 1 << 30  # `unchanged` for a model without any edit
 
 
@@ -110,8 +112,5 @@ class _Replayed(nn.Module):
 
 def _decoder_layers(model) -> nn.ModuleList | None:
     """The decoder layers, where they take their cache as `cache=` (else nothing is replayed)."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or not layers:
-        return None
-    return layers if "cache" in inspect.signature(layers[0].forward).parameters else None
+    layers = decoder_layer_list(model)
+    return layers if layers is not None and "cache" in inspect.signature(layers[0].forward).parameters else None

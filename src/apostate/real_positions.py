@@ -9,8 +9,9 @@ their outputs are never read, so what the real positions compute does not change
 In the demo model's side-by-side trials 29-36% of the decoding slots were padding, and the
 Linear layers are ~90% of a pass's compute on a CPU: a pass of 16 rows with 84 real tokens
 in 272 slots took 1.0 s instead of 2.0 s. (Prompt passes, sorted by length, have ~10%
-padding; there the gathers cost what they saved, so they run padded.) An MLP block is gathered once as a whole
-(its activations are as wide as its inner size); Linear layers outside it, one by one.
+padding; there the gathers cost what they saved, so they run padded.) An MLP block is
+gathered once as a whole (its activations are as wide as its inner size); Linear layers
+outside it, one by one.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .architecture import MLP_PARENTS, decoder_layer_list
+
 ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}  # PEFT's factors: too small to pay
-MLP_NAMES = {"mlp", "feed_forward", "ffn", "block_sparse_moe", "moe", "channel_mixer"}  # one gather for the block
 
 
 def position_wise_modules(model) -> list[nn.Module]:
@@ -29,11 +31,9 @@ def position_wise_modules(model) -> list[nn.Module]:
 
     Empty for a model whose decoder layers are not at `get_decoder().layers`: it then runs padded.
     """
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    layers = getattr(decoder, "layers", None)
     modules: list[nn.Module] = []
-    for layer in layers if isinstance(layers, nn.ModuleList) else []:
-        mlp = next((child for name, child in layer.named_children() if name in MLP_NAMES), None)
+    for layer in decoder_layer_list(model) or []:
+        mlp = next((child for name, child in layer.named_children() if name in MLP_PARENTS), None)
         inside_mlp = set(mlp.modules()) if mlp is not None else set()
         modules += [mlp] if mlp is not None else []
         modules += [

@@ -93,9 +93,10 @@ def speculative_greedy(
         for row, (sequence, draft) in enumerate(zip(chosen, drafts, strict=True)):
             accepted = _accepted(draft, predicted[row])
             stats.record(kinds[row], len(draft), accepted)
-            decoder.keep(row, sequence, 1 + accepted)  # the last token and the accepted draft; not rejected ones
             sequence.known += draft[:accepted] + [predicted[row][accepted]]
             _finish(sequence, tokenizer, limits, decided)
+            if not sequence.done:
+                decoder.keep(row, sequence, 1 + accepted)  # the last token and the accepted draft; not rejected ones
         finished = [s for s in chosen if s.done]
         if finished:
             results.update({s.index: s.known for s in finished})
@@ -157,14 +158,14 @@ class _Decoder:
         inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions(mask, width))
         real = mask[:, -width:].bool()
         projection = model.get_output_embeddings()
-        if projection is None:  # no separate output projection to call: the model's own pass
-            with on_real_positions(self.position_wise, real):
-                output = model(**inputs, cache=self.cache, use_cache=True, logits_to_keep=width)
-            self.cache = output.cache
-            return output.logits.argmax(-1).tolist()
         with on_real_positions(self.position_wise, real):
-            output = model.get_decoder()(**inputs, cache=self.cache, use_cache=True)
+            if projection is None:  # no separate output projection to call: the model's own pass
+                output = model(**inputs, cache=self.cache, use_cache=True, logits_to_keep=width)
+            else:
+                output = model.get_decoder()(**inputs, cache=self.cache, use_cache=True)
         self.cache = output.cache
+        if projection is None:
+            return output.logits.argmax(-1).tolist()
         # Only each row's last token and draft need a greedy token, so the output projection
         # (the largest product of the pass) skips the padding after shorter drafts too. Scaling
         # or capping that a model applies to its logits afterwards is monotone: same argmax.
