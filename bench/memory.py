@@ -65,8 +65,8 @@ def run_polled(cmd: list[str], log: Path) -> tuple[float, int, int]:
 
 def checkpoint_bytes(model: str) -> int:
     """Bytes of the base's safetensors files (the demo resolves to its converted folder)."""
+    from apostate.model.sources import resolve_source
     from apostate.settings import Settings
-    from apostate.sources import resolve_source
 
     source = resolve_source(model, None, Settings(model=model).cache_path())
     return sum(path.stat().st_size for path in Path(source.location).glob("*.safetensors"))

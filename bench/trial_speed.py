@@ -23,14 +23,14 @@ import optuna
 
 
 def main(argv: list[str]) -> None:
-    from apostate.batching import last_position_logprobs
-    from apostate.generation import _generate_plain
-    from apostate.layer_replay import unchanged_layers
+    from apostate.decoding.batching import last_position_logprobs
+    from apostate.decoding.generation import _generate_plain
+    from apostate.decoding.layer_replay import unchanged_layers
+    from apostate.model.sources import resolve_source
     from apostate.monitor import PhaseMonitor
     from apostate.pipeline import run_dir_for, start_session
-    from apostate.scoring import kl_divergence
+    from apostate.scoring.scorer import kl_divergence
     from apostate.settings import parse_command_line
-    from apostate.sources import resolve_source
 
     full = "--full" in argv
     count = int(argv[argv.index("--trials") + 1]) if "--trials" in argv else 6

@@ -6,9 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apostate.cli import main
-from apostate.scoring import first_token_logprobs, kl_divergence
+from apostate.scoring.scorer import first_token_logprobs, kl_divergence
+from apostate.search.startup import Texts, load_prompt_sets
 from apostate.settings import parse_command_line
-from apostate.startup import Texts, load_prompt_sets
 
 
 def run_and_save(model: str, run_dir, output, flags: list[str], *selection: str) -> int:

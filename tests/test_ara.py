@@ -5,12 +5,13 @@ import torch
 from optuna.trial import FixedTrial
 from tiny import tiny_model
 
-from apostate.adapter import attach_adapter
-from apostate.architecture import discover
-from apostate.batching import last_position_logprobs
-from apostate.captures import ModuleCapture, build_captures, capture_slots, capture_writer_inputs
-from apostate.methods import METHODS, MethodContext
-from apostate.methods.ara_objective import Objective, ObjectiveWeights, fit
+from apostate.decoding.batching import last_position_logprobs
+from apostate.methods import method_class
+from apostate.methods.ara.captures import ModuleCapture, build_captures, capture_slots, capture_writer_inputs
+from apostate.methods.ara.objective import Objective, ObjectiveWeights, fit
+from apostate.methods.context import MethodContext
+from apostate.model.adapter import attach_adapter
+from apostate.model.architecture import discover
 from apostate.settings import Settings
 
 HARMLESS = [f"Tell me about the colour number {i} of the rainbow." for i in range(12)]
@@ -90,8 +91,8 @@ MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decod
 def make_method(model, tokenizer, method: str, **ara):
     settings = Settings(model="tiny", method=method, ara={"lora_rank": 4, "lbfgs_steps": 10, **ara})
     architecture = discover(model)
-    method_class = METHODS[method]
-    adapter = attach_adapter(model, architecture, method_class.adapter_rank(settings))
+    method_type = method_class(method)
+    adapter = attach_adapter(model, architecture, method_type.adapter_rank(settings))
     texts = {
         side: [
             tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
@@ -192,7 +193,7 @@ def test_full_weight_ara_refuses_a_quantized_model():
 
     settings = Settings(model="tiny", method="ara", quantization="bnb_4bit")
     with pytest.raises(ApostateError, match="ara-lora"):
-        METHODS["ara"](MethodContext(None, settings, 3, ["attn"], torch.zeros(1)))
+        method_class("ara")(MethodContext(None, settings, 3, ["attn"], torch.zeros(1)))
 
 
 def test_ara_lora_on_a_4bit_base(tmp_path):
@@ -264,7 +265,7 @@ def test_fused_moe_experts_are_captured_and_edited_per_expert(method_name):
 
 
 def test_recomputed_expert_inputs_reproduce_the_experts_forward():
-    from apostate.expert_captures import down_inputs
+    from apostate.methods.ara.expert_captures import down_inputs
 
     model, _ = tiny_model("qwen3_moe", layers=1, seed=3, **MOE)
     experts = model.model.layers[0].mlp.experts

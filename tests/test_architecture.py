@@ -4,9 +4,9 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from apostate.adapter import attach_adapter
-from apostate.architecture import discover
 from apostate.errors import ApostateError
+from apostate.model.adapter import attach_adapter
+from apostate.model.architecture import discover
 
 MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
 

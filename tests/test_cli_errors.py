@@ -77,7 +77,7 @@ def test_hub_id_while_offline(tmp_path, capsys, monkeypatch):
 
 
 def test_demo_without_its_packages(tmp_path, capsys, monkeypatch):
-    import apostate.demo as demo
+    import apostate.model.demo as demo
 
     monkeypatch.setattr(demo, "DEMO_PACKAGES", ["apostate_no_such_part"])
     code = main(["demo", "--run-dir", str(tmp_path / "run"), "--cache-dir", str(tmp_path / "cache")])

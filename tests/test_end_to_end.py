@@ -10,7 +10,7 @@ from tiny import tiny_model_folder
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apostate.cli import main
-from apostate.study import TrialRunner, completed, open_study
+from apostate.search.study import TrialRunner, completed, open_study
 
 SMALL = (
     "--dtypes float32 --batch-size 8 --max-response-tokens 6 --n-startup-trials 2 "
@@ -156,7 +156,7 @@ class _FakeMethod:
         return {3}
 
     def apply(self, parameters):
-        from apostate.methods import BrokenEdit
+        from apostate.methods.context import BrokenEdit
 
         if self.broken:
             raise BrokenEdit("the fitted edit is not finite")
@@ -200,11 +200,11 @@ def test_broken_or_far_off_trials_are_infeasible_pruned_and_never_on_the_front(t
 def test_trials_draft_from_the_base_models_responses_in_a_fresh_and_a_resumed_run(model_dir, tmp_path):
     """The base model's responses, measured at start-up (or read back from the run folder),
     are in the trial scorer's pool before the first trial, and they are its greedy responses."""
-    from apostate.generation import _generate_plain
+    from apostate.decoding.generation import _generate_plain
+    from apostate.model.sources import resolve_source
     from apostate.monitor import PhaseMonitor
     from apostate.pipeline import start_session
     from apostate.settings import parse_command_line
-    from apostate.sources import resolve_source
 
     settings = parse_command_line([str(model_dir), "--run-dir", str(tmp_path / "run"), *SMALL])
     source = resolve_source(settings.model, None, tmp_path)

@@ -10,13 +10,13 @@ from safetensors.torch import load_file
 from tiny import tiny_model_folder, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from apostate.adapter import attach_adapter
-from apostate.architecture import WriterEdit, discover
-from apostate.export import TrialSummary, _merge_in_memory, _why_not_streamable, save_merged
-from apostate.kernel import WeightKernel
-from apostate.merge import INDEX_NAME, Checkpoint, parameter_name
-from apostate.methods.directional import DirectionalParameters, apply
-from apostate.sources import ModelSource
+from apostate.methods.directional.method import DirectionalParameters, apply
+from apostate.methods.directional.weight_kernel import WeightKernel
+from apostate.model.adapter import attach_adapter
+from apostate.model.architecture import WriterEdit, discover
+from apostate.model.sources import ModelSource
+from apostate.results.export import TrialSummary, _merge_in_memory, _why_not_streamable, save_merged
+from apostate.results.merge import INDEX_NAME, Checkpoint, parameter_name
 
 SUMMARY = TrialSummary("directional", 0, {}, {}, {})
 
@@ -126,7 +126,7 @@ def test_4bit_weights_read_back_the_same_before_and_after_a_forward_pass(tmp_pat
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
 
-    from apostate.bnb_weights import dequantize
+    from apostate.model.bnb_weights import dequantize
 
     folder = tiny_model_folder(tmp_path / "tiny", layers=2)
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,

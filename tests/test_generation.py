@@ -8,12 +8,12 @@ import pytest
 import torch
 from tiny import tiny_model
 
-from apostate.batching import last_position_logprobs
-from apostate.generation import _generate_plain, generate
-from apostate.layer_replay import ALL_LAYERS, LayerReplay
-from apostate.loading import column_major_cpu_weights
-from apostate.prefix_cache import SharedPrefix, last_position_logprobs_shared
-from apostate.response_pool import CONTINUATION, LOOKUP, DraftStats, PassCost, ResponsePool, best_width
+from apostate.decoding.batching import last_position_logprobs
+from apostate.decoding.generation import _generate_plain, generate
+from apostate.decoding.layer_replay import ALL_LAYERS, LayerReplay
+from apostate.decoding.prefix_cache import SharedPrefix, last_position_logprobs_shared
+from apostate.decoding.response_pool import CONTINUATION, LOOKUP, DraftStats, PassCost, ResponsePool, best_width
+from apostate.model.loading import column_major_cpu_weights
 
 PROMPTS = ["hi", "tell me a story about a dragon", "why?", "list three colours", "a", "how do magnets work, briefly"]
 TOKENS = 12
@@ -193,7 +193,7 @@ def test_replayed_layers_give_what_running_them_gives():
 
 
 def test_each_pass_carries_the_least_advanced_sequences(tiny, monkeypatch):
-    import apostate.speculative as speculative
+    import apostate.decoding.speculative as speculative
 
     model, tokenizer, texts = tiny
     expected = plain(model, tokenizer, texts)

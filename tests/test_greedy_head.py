@@ -2,8 +2,8 @@
 
 import torch
 
-from apostate import greedy_head
-from apostate.greedy_head import GreedyHead
+from apostate.decoding import greedy_head
+from apostate.decoding.greedy_head import GreedyHead
 
 
 def projection(vocabulary=5000, hidden=64, seed=0):

@@ -3,8 +3,8 @@
 import torch
 from tiny import tiny_model
 
-from apostate import kernel_timing
-from apostate.kernel_timing import ROW_RANGES, route_linears
+from apostate.decoding import kernel_timing
+from apostate.decoding.kernel_timing import ROW_RANGES, route_linears
 
 
 def test_layers_routed_to_onednn_give_the_same_outputs_and_see_in_place_edits():

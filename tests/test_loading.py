@@ -9,10 +9,10 @@ import torch
 from tiny import tiny_model_folder
 from transformers import AutoModelForCausalLM
 
-from apostate.checkpoint_pages import checkpoint_mappings, release_checkpoint_pages
-from apostate.loading import load_model
+from apostate.model.checkpoint_pages import checkpoint_mappings, release_checkpoint_pages
+from apostate.model.loading import load_model
+from apostate.model.sources import resolve_source
 from apostate.settings import parse_command_line
-from apostate.sources import resolve_source
 
 
 def resident_checkpoint_bytes() -> int:

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from tiny import tiny_model
 
-from apostate.adapter import attach_adapter
-from apostate.architecture import discover
-from apostate.directions import direction_at, refusal_directions, winsorize
-from apostate.kernel import WeightKernel
-from apostate.methods.directional import DirectionalParameters, ablation_factors, apply
-from apostate.scoring import kl_divergence
+from apostate.directions.refusal import direction_at, refusal_directions, winsorize
+from apostate.methods.directional.method import DirectionalParameters, ablation_factors, apply
+from apostate.methods.directional.weight_kernel import WeightKernel
+from apostate.model.adapter import attach_adapter
+from apostate.model.architecture import discover
+from apostate.scoring.scorer import kl_divergence
 
 
 def random_weight(out_features=48, in_features=80, experts=1, seed=0):

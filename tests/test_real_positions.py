@@ -8,8 +8,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tiny import tiny_model
 
-from apostate.prefix_cache import positions
-from apostate.real_positions import on_real_positions, position_wise_modules
+from apostate.decoding.prefix_cache import positions
+from apostate.decoding.real_positions import on_real_positions, position_wise_modules
 
 
 def test_padding_is_skipped_and_real_positions_keep_their_outputs():

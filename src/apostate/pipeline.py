@@ -8,18 +8,19 @@ from pathlib import Path
 
 import optuna
 
-from .adapter import Adapter, attach_adapter
-from .architecture import Architecture, discover
-from .loading import LoadedModel, load_model, load_tokenizer
-from .methods import METHODS, MethodContext
+from .methods import method_class
+from .methods.context import MethodContext
+from .model.adapter import Adapter, attach_adapter
+from .model.architecture import Architecture, discover
+from .model.loading import LoadedModel, load_model, load_tokenizer
+from .model.sources import ModelSource, resolve_source
 from .monitor import PhaseMonitor, median_trial_phases
-from .pareto import BaseScores, plot_front, print_front, write_pareto
 from .progress import console
-from .scoring import Scorer
+from .scoring.scorer import Scorer
+from .search.pareto import BaseScores, plot_front, print_front, write_pareto
+from .search.startup import PromptSets, Startup, Texts, evaluation_scorer, load_prompt_sets, prepare
+from .search.study import TrialRunner, completed, fingerprint_of, lock_run_dir, open_study, run_trials
 from .settings import Settings
-from .sources import ModelSource, resolve_source
-from .startup import PromptSets, Startup, Texts, evaluation_scorer, load_prompt_sets, prepare
-from .study import TrialRunner, completed, fingerprint_of, lock_run_dir, open_study, run_trials
 
 
 @dataclass
@@ -63,7 +64,7 @@ def run(settings: Settings) -> int:
     lock = lock_run_dir(run_dir)
     try:
         if settings.evaluate_model:
-            from .results import evaluate_other_model
+            from .results.actions import evaluate_other_model
 
             return evaluate_other_model(settings, source)
         monitor = PhaseMonitor()
@@ -78,7 +79,7 @@ def run(settings: Settings) -> int:
             return 0 if finished else 130
         show_results(session)
         if finished:
-            from .results import act
+            from .results.actions import act
 
             chosen = ", ".join(settings.actions or ["none"]) if settings.headless else "interactive"
             with monitor.phase(f"chosen trial: {chosen}"):
@@ -94,13 +95,13 @@ def start_session(settings: Settings, source: ModelSource, run_dir: Path, monito
     study = open_study(run_dir, fingerprint_of(settings, source.name), settings.seed, settings.n_startup_trials)
     prompts: PromptSets = load_prompt_sets(settings)
     console.print(f"Loading model [bold]{source.name}[/]...")
-    method_class = METHODS[settings.method]
+    method_type = method_class(settings.method)
     with monitor.phase("load model"):
         tokenizer = load_tokenizer(source, settings)
         loaded = load_model(source, settings, tokenizer)
         architecture = discover(loaded.model)
         _report_architecture(architecture, settings.components)
-        adapter = attach_adapter(loaded.model, architecture, method_class.adapter_rank(settings))
+        adapter = attach_adapter(loaded.model, architecture, method_type.adapter_rank(settings))
     key = {
         "fingerprint": fingerprint_of(settings, source.name),
         "dtype": str(loaded.dtype),
@@ -113,19 +114,19 @@ def start_session(settings: Settings, source: ModelSource, run_dir: Path, monito
     scorer.resume_from_base(startup.base_logprobs, startup.base_responses)
     components = [c for c in settings.components if c in architecture.components()]
     context = MethodContext(adapter, settings, architecture.n_layers, components, startup.directions)
-    if method_class.needs_captures:
+    if method_type.needs_captures:
         with monitor.phase("capture module activations"):
             context.captures = capture_for_fitting(
                 adapter, tokenizer, loaded.device, settings, texts, startup.batch_size
             )
-    method = method_class(context)
+    method = method_type(context)
     study.set_user_attr("base_refusals", startup.base_refusals)
     return Session(settings, source, run_dir, loaded, architecture, adapter, method, study, startup, texts, scorer)
 
 
 def capture_for_fitting(adapter: Adapter, tokenizer, device, settings: Settings, texts: Texts, batch_size: int) -> dict:
     """Module inputs and outputs on the direction prompts, for methods fitted to them (ARA)."""
-    from .captures import build_captures, capture_slots, capture_writer_inputs
+    from .methods.ara.captures import build_captures, capture_slots, capture_writer_inputs
 
     linear, experts, skipped = capture_slots(adapter)
     for entry in skipped:

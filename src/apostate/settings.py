@@ -11,7 +11,7 @@ import argparse
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
@@ -23,7 +23,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from .ara_settings import AraSettings, RangeModel
+from .methods.ara.settings import AraSettings
+from .methods.directional.settings import SearchSpace
 
 DEFAULT_REFUSAL_MARKERS = [
     "sorry",
@@ -114,34 +115,6 @@ class PromptSetSpec(BaseModel):
     shuffle_seed: int = Field(
         default=0,
         description="Seed of the shuffle before splitting (the three subsets never overlap).",
-    )
-
-
-class SearchSpace(RangeModel):
-    """Ranges the optimizer samples directional-ablation parameters from.
-
-    Layer positions are fractions of the last layer index, so one config fits any depth.
-    """
-
-    range_prefix: ClassVar[str] = "search."
-
-    direction_index: tuple[float, float] = Field(
-        default=(0.4, 0.9), description="Range of the refusal-direction index, as fractions of the last layer index."
-    )
-    max_weight: tuple[float, float] = Field(
-        default=(0.8, 1.5), description="Range of a component's peak ablation weight."
-    )
-    max_weight_position: tuple[float, float] = Field(
-        default=(0.5, 1.0), description="Range of the layer with the peak weight, as fractions of the last layer index."
-    )
-    min_weight: tuple[float, float] = Field(
-        default=(0.0, 1.0), description="Range of the weight at the kernel's edge, as a fraction of the peak weight."
-    )
-    min_weight_distance: tuple[float, float] = Field(
-        default=(0.05, 0.6), description="Range of the kernel's half-width, as fractions of the last layer index."
-    )
-    per_layer_directions: bool = Field(
-        default=True, description="Let the optimizer choose per-layer directions instead of one global direction."
     )
 
 

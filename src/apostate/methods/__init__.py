@@ -1,26 +1,47 @@
 """Ablation methods, registered by name. Each one samples a trial's parameters and writes its
 edit into the model (through the LoRA adapter, or in place with an in-memory copy to reset
-from); the trial loop, scoring, study, Pareto selection and export are shared."""
+from); the trial loop, scoring, study, Pareto selection and export are shared.
+
+| name | module |
+| --- | --- |
+| `directional` | `directional/method.py` |
+| `ara` | `ara/full.py` |
+| `ara-lora` | `ara/lora.py` |
+
+The registry imports a method's module only when it is used, so that the settings (which
+nest each method's own settings model) load without torch.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Protocol
+from importlib import import_module
+from typing import TYPE_CHECKING, Protocol
 
-from ..architecture import WriterEdit
-from .ara import AraMethod
-from .ara_lora import AraLoraMethod
-from .context import BrokenEdit, MethodContext
-from .directional import DirectionalMethod
+if TYPE_CHECKING:
+    from ..model.architecture import WriterEdit
+    from ..settings import Settings
+    from .context import MethodContext
+
+# name -> (module, class)
+METHODS: dict[str, tuple[str, str]] = {
+    "directional": (".directional.method", "DirectionalMethod"),
+    "ara": (".ara.full", "AraMethod"),
+    "ara-lora": (".ara.lora", "AraLoraMethod"),
+}
 
 
 class Method(Protocol):
+    """What the session and the trial loop need of a method."""
+
     name: str
-    needs_captures: bool  # fitted to captured module inputs and outputs (see captures.py)
+    needs_captures: bool  # fitted to captured module inputs and outputs (see ara/captures.py)
     edits_in_adapter: bool  # the LoRA adapter alone holds the edit (so it can be saved on its own)
 
+    def __init__(self, context: MethodContext) -> None: ...
+
     @staticmethod
-    def adapter_rank(settings) -> int:
+    def adapter_rank(settings: Settings) -> int:
         """Rank of the LoRA slots the method writes into."""
 
     def suggest(self, trial) -> object:
@@ -42,10 +63,10 @@ class Method(Protocol):
         """The parameters as plain data, for pareto.json and model cards."""
 
 
-METHODS: dict[str, type] = {
-    "directional": DirectionalMethod,
-    "ara": AraMethod,
-    "ara-lora": AraLoraMethod,
-}
+def method_class(name: str) -> type[Method]:
+    """The method registered as `name` (settings validate the name, so it is always known)."""
+    module, cls = METHODS[name]
+    return getattr(import_module(module, __name__), cls)
 
-__all__ = ["METHODS", "BrokenEdit", "Method", "MethodContext"]
+
+__all__ = ["METHODS", "Method", "method_class"]

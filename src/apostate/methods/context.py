@@ -6,8 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from ..adapter import Adapter
-from ..captures import ModuleCapture
+from ..model.adapter import Adapter
+from .ara.captures import ModuleCapture
 
 
 class BrokenEdit(Exception):

@@ -1,0 +1,137 @@
+"""What each residual writer reads and writes at the last prompt position, for the harmless and
+harmful direction prompts: the data Arbitrary-Rank Ablation fits its edits to.
+
+Captured once per run with forward hooks and kept on the CPU. To keep the fit small, each
+module's inputs are stored as coordinates in an orthonormal basis of the inputs' own span
+(top singular directions): an edit that only acts inside that span changes every captured
+output exactly as a full-width edit would, and leaves inputs never seen alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ...decoding.batching import batches
+from ...model.adapter import Adapter
+from ...progress import track
+from .expert_captures import ExpertRecorder, expert_module
+
+
+@dataclass
+class ModuleCapture:
+    """One writer's captured activations (float32, CPU)."""
+
+    basis: Tensor  # (k, in): orthonormal rows spanning the captured inputs
+    harmless_coords: Tensor  # (n_harmless, k): inputs in that basis
+    harmful_coords: Tensor  # (n_harmful, k)
+    harmless_outputs: Tensor  # (n_harmless, out): the base weight's outputs (bias left out: it cancels)
+    harmful_outputs: Tensor  # (n_harmful, out)
+    weight_norm: Tensor  # Frobenius norm of the base weight (the scale of the trust region)
+
+
+CaptureKey = tuple[int, int]  # (slot index, expert); a plain Linear is expert 0
+
+
+def capture_slots(adapter: Adapter) -> tuple[list[int], list[int], list[str]]:
+    """Slot indices ARA can fit: Linear writers, fused standard experts; and what it cannot."""
+    linear, experts, skipped = [], [], []
+    for index, slot in enumerate(adapter.slots):
+        if not slot.stacked:
+            linear.append(index)
+        elif expert_module(slot) is not None:
+            experts.append(index)
+        else:
+            skipped.append(f"{slot.writer.path}.{slot.writer.parameter}")
+    return linear, experts, skipped
+
+
+@torch.inference_mode()
+def capture_writer_inputs(
+    model,
+    tokenizer,
+    adapter: Adapter,
+    slot_indices: list[int],
+    texts: list[str],
+    batch_size: int,
+    device,
+    label: str,
+    keep_on="cpu",
+) -> dict[CaptureKey, Tensor]:
+    """Per (slot, expert), the inputs at the last prompt position, in prompt order, on `keep_on`.
+
+    A Linear writer has a row for every text; an expert only for the texts routed to it.
+    Rows keep the dtype the model computed them in (a wider one would hold no more
+    information); build_captures widens one module at a time.
+    """
+    linear_rows: dict[int, list[Tensor]] = {}
+    recorders: dict[int, ExpertRecorder] = {}
+    handles = []
+    for index in slot_indices:
+        slot = adapter.slots[index]
+        if slot.stacked:
+            recorders[index] = ExpertRecorder(slot.module.get_base_layer(), keep_on)
+            handles.append(recorders[index].module.register_forward_hook(recorders[index]))
+        else:
+            linear_rows[index] = []
+            hook = _linear_hook(linear_rows[index], keep_on)
+            handles.append(slot.module.get_base_layer().register_forward_hook(hook))
+    order: list[int] = []
+    try:
+        with track(label, len(texts)) as advance:
+            for indices, inputs in batches(tokenizer, texts, batch_size, device):
+                for recorder in recorders.values():
+                    recorder.batch = (indices, *inputs["input_ids"].shape)
+                model(**inputs, use_cache=False, logits_to_keep=1)
+                order.extend(indices)
+                advance(len(indices))
+    finally:
+        for handle in handles:
+            handle.remove()
+    inverse = torch.argsort(torch.tensor(order))  # back to the order of `texts`
+    captured = {(index, 0): torch.cat(rows)[inverse] for index, rows in linear_rows.items()}
+    for index, recorder in recorders.items():
+        for expert, rows in recorder.per_expert().items():
+            captured[(index, expert)] = rows
+    return captured
+
+
+def _linear_hook(rows: list[Tensor], keep_on):
+    def hook(module, args, output):
+        # A copy: a slice would keep the whole batch's activations alive.
+        rows.append(args[0][:, -1, :].to(keep_on, copy=True))
+
+    return hook
+
+
+def build_captures(
+    adapter: Adapter, harmless: dict[CaptureKey, Tensor], harmful: dict[CaptureKey, Tensor], basis_rank: int
+) -> dict[CaptureKey, ModuleCapture]:
+    """Captures for every (slot, expert) seen on both sides (an expert only one side reached is left alone)."""
+    captures = {}
+    current, weights = None, None
+    for key in sorted(harmless.keys() & harmful.keys()):
+        index, expert = key
+        if index != current:  # one slot's dequantized weights in memory at a time
+            current, weights = index, adapter.slots[index].base_weight()  # (experts, out, in)
+        weight = weights[expert].to(harmless[key].device)
+        good, bad = harmless[key].float(), harmful[key].float()
+        basis = input_basis(torch.cat([good, bad]), basis_rank)
+        captures[key] = ModuleCapture(
+            basis=basis,
+            harmless_coords=good @ basis.T,
+            harmful_coords=bad @ basis.T,
+            harmless_outputs=good @ weight.T,
+            harmful_outputs=bad @ weight.T,
+            weight_norm=weight.norm(),
+        )
+    return captures
+
+
+def input_basis(inputs: Tensor, max_rank: int) -> Tensor:
+    """Orthonormal (k, in) rows spanning `inputs` (top singular directions, numerically nonzero)."""
+    _, singular_values, right = torch.linalg.svd(inputs.double(), full_matrices=False)
+    keep = int((singular_values > singular_values[0] * 1e-6).sum().clamp(max=max_rank))
+    return right[:keep].float()

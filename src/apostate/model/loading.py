@@ -1,0 +1,216 @@
+"""Load a model and its tokenizer: dtype fallback chain, optional 4-bit, chat-template check."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..decoding.kernel_timing import column_major_pays, route_linears
+from ..errors import ApostateError
+from ..progress import console
+from ..settings import Settings
+from .checkpoint_pages import checkpoint_mappings, drop_pages, releasing_checkpoint_pages
+from .sources import ModelSource
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for trials, with what it was loaded from."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    source: ModelSource
+    dtype: torch.dtype
+    quantized: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+
+def load_tokenizer(source: ModelSource, settings: Settings):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            source.location, revision=source.revision, trust_remote_code=settings.trust_remote_code
+        )
+    except Exception as error:
+        raise ApostateError(f"cannot load the tokenizer of '{source.name}': {_first_line(error)}") from None
+    if settings.chat_template is not None:
+        template_path = Path(settings.chat_template)
+        is_file = len(settings.chat_template) < 4096 and template_path.is_file()
+        tokenizer.chat_template = template_path.read_text() if is_file else settings.chat_template
+    if not getattr(tokenizer, "chat_template", None):
+        raise ApostateError(
+            f"model '{source.name}' has no chat template; give one with --chat-template (text or a .jinja file)"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"  # the last prompt token must sit at position -1
+    return tokenizer
+
+
+def load_model(source: ModelSource, settings: Settings, tokenizer=None) -> LoadedModel:
+    """Try each dtype in turn; keep the first that loads and generates a finite first token."""
+    _check_config(source, settings)
+    tokenizer = tokenizer or load_tokenizer(source, settings)
+    failures = []
+    for dtype_name in settings.dtypes:
+        console.print(f"* Trying dtype [bold]{dtype_name}[/]... ", end="")
+        try:
+            model = _from_pretrained(source, settings, dtype_name)
+            kernels = _fastest_cpu_kernels(model) if not settings.trust_remote_code else ""
+            _contiguous_head_input(model)
+            _test_generation(model, tokenizer)
+        except torch.OutOfMemoryError:
+            failures.append(f"{dtype_name}: out of memory")
+        except Exception as error:  # any failure means: try the next dtype
+            failures.append(f"{dtype_name}: {_first_line(error)}")
+        else:
+            console.print("[green]ok[/]")
+            if kernels:
+                console.print(kernels)
+            model.eval()
+            model.requires_grad_(False)
+            dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
+            return LoadedModel(model, tokenizer, source, dtype, settings.quantization != "none")
+        console.print(f"[yellow]failed[/] ({failures[-1]})")
+        model = None
+        gc.collect()
+    raise ApostateError(f"could not load '{source.name}' with any dtype: " + "; ".join(failures))
+
+
+def _check_config(source: ModelSource, settings: Settings) -> None:
+    """Fail early, with one line, when the model cannot be found (offline, typo, gated)."""
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(
+            source.location, revision=source.revision, trust_remote_code=settings.trust_remote_code
+        )
+    except Exception as error:
+        raise ApostateError(f"cannot load model '{source.name}': {_first_line(error)}") from None
+
+
+def _from_pretrained(source: ModelSource, settings: Settings, dtype_name: str):
+    from transformers import AutoModelForCausalLM
+
+    dtype = dtype_name if dtype_name == "auto" else getattr(torch, dtype_name, None)
+    if dtype is None or (dtype != "auto" and not isinstance(dtype, torch.dtype)):
+        raise ApostateError(f"'{dtype_name}' in dtypes is not a torch dtype")
+    kwargs = dict(
+        dtype=dtype,
+        device_map=settings.device_map,
+        revision=source.revision,
+        trust_remote_code=settings.trust_remote_code,
+    )
+    if settings.max_memory:
+        kwargs["max_memory"] = {_device_key(k): v for k, v in settings.max_memory.items()}
+    if settings.quantization == "bnb_4bit":
+        kwargs["quantization_config"] = _bnb_4bit_config(dtype)
+    with releasing_checkpoint_pages():  # quantizing or casting reads every page once
+        return AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+
+
+def _fastest_cpu_kernels(model) -> str:
+    """Weight layouts and GEMM libraries timed on this CPU (kernel_timing); what was chosen, for the console.
+
+    Not for remote code: custom model code may assume contiguous weights."""
+    transposed = column_major_cpu_weights(model)  # drops each copied block's pages itself
+    routed = route_linears(model)
+    if not transposed and not routed:
+        return ""
+    return (
+        f"* Timed on this CPU: {transposed} weights column-major, {routed} Linear layers on oneDNN for some row counts"
+    )
+
+
+def column_major_cpu_weights(model, pays: Callable[[torch.Tensor], bool] = column_major_pays) -> int:
+    """Store float32 Linear weights on the CPU transposed in memory (same shape, strides (1, out)),
+    for the weight shapes where `pays` (by default: timed on this machine, see kernel_timing).
+
+    Then `F.linear` hands the GEMM an (in, out) row-major matrix, which some CPUs' float32
+    kernels read faster when few rows go through: a 16-row decoding step of the demo model
+    took 0.19 s instead of 0.25 s on an Intel machine with AVX-512, while an AMD machine with
+    AVX2 ran the down projection 1.4x slower that way. The products are the same up to
+    rounding (another kernel may sum in another order: 1e-7 on a 64-wide test model).
+    bfloat16 weights are never changed. Returns how many weights were changed.
+    """
+    changed = 0
+    mappings = checkpoint_mappings()  # the old weights' pages go as soon as their copies exist
+    with torch.no_grad():
+        for module in model.modules():
+            weight = getattr(module, "weight", None)
+            if not isinstance(module, torch.nn.Linear) or weight is None or weight.dim() != 2:
+                continue
+            if weight.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous():
+                continue
+            if not pays(weight):
+                continue
+            weight.data = _column_major_copy(weight.data, mappings)
+            changed += 1
+    return changed
+
+
+def _contiguous_head_input(model) -> None:
+    """Hand the output projection contiguous rows.
+
+    With `logits_to_keep`, the projection gets a strided slice of the hidden states, and
+    `F.linear` then runs a batched matmul over a broadcast weight: 0.25-0.3 s instead of
+    0.04-0.07 s for 16 rows of the demo model on a CPU, on every prompt pass.
+    """
+    head = model.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]) if args else None)
+
+
+def _column_major_copy(tensor: torch.Tensor, mappings, rows_per_chunk: int = 4096) -> torch.Tensor:
+    """A column-major copy, made a block of rows at a time; the source pages of each block are
+    dropped once copied, so that a mapped weight is never resident twice (checkpoint_pages)."""
+    copy = torch.empty_strided(tensor.shape, (1, tensor.shape[0]), dtype=tensor.dtype)
+    row_bytes = tensor.shape[1] * tensor.element_size()
+    for start in range(0, tensor.shape[0], rows_per_chunk):
+        block = tensor[start : start + rows_per_chunk]
+        copy[start : start + rows_per_chunk].copy_(block)
+        drop_pages(block.data_ptr(), block.data_ptr() + block.shape[0] * row_bytes, mappings)
+    return copy
+
+
+def _bnb_4bit_config(dtype):
+    from transformers import BitsAndBytesConfig
+
+    compute = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute,
+    )
+
+
+def _test_generation(model, tokenizer) -> None:
+    """One greedy token from a short chat; non-finite logits mean the dtype does not work."""
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello"}], add_generation_prompt=True, tokenize=False
+    )
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(
+        model.get_input_embeddings().weight.device
+    )
+    with torch.inference_mode():
+        logits = model(**inputs).logits[0, -1]
+    if not torch.isfinite(logits).all():
+        raise ValueError("the test generation produced non-finite logits")
+
+
+def _device_key(key: str) -> int | str:
+    return int(key) if key.isdigit() else key
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,188 @@
+"""After the search: pick a trial (interactively or by rule) and act on it."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import optuna
+
+from ..errors import ApostateError
+from ..progress import console
+from ..scoring.scorer import Scorer, Scores
+from ..search.pareto import pareto_trials, trial_record
+from ..search.startup import Texts, evaluation_scorer, load_prompt_sets
+from ..search.study import completed
+from .export import TrialSummary, save_adapter, save_merged
+
+ACTION_LABELS = {
+    "save": "Save the merged model",
+    "save-adapter": "Save the LoRA adapter only",
+    "evaluate": "Score on the held-out prompts",
+    "chat": "Chat with the model",
+}
+
+
+def pick_trial(session) -> optuna.trial.FrozenTrial:
+    """--trial N, else (headless) the fewest refusals among Pareto trials with KL <= pick_max_kl."""
+    settings = session.settings
+    if settings.trial is not None:
+        by_number = {t.number: t for t in completed(session.study)}
+        if settings.trial not in by_number:
+            raise ApostateError(f"trial {settings.trial} is not a finished trial of this run")
+        return by_number[settings.trial]
+    front = pareto_trials(session.study)
+    within = [t for t in front if t.user_attrs["kl"] <= settings.pick_max_kl]
+    if not within:
+        console.print(f"[yellow]No Pareto trial has KL <= {settings.pick_max_kl}; taking the lowest-KL one.[/]")
+        return min(front, key=lambda t: t.user_attrs["kl"])
+    return min(within, key=lambda t: (t.user_attrs["refusals"], t.user_attrs["kl"]))
+
+
+def act(session) -> None:
+    if session.settings.headless:
+        trial = pick_trial(session)
+        _announce(trial)
+        session.restore(trial)
+        for action in session.settings.actions:
+            perform(session, trial, action)
+        return
+    _interactive(session)
+
+
+def _interactive(session) -> None:
+    import questionary
+
+    while True:
+        front = pareto_trials(session.study)
+        choices = [
+            questionary.Choice(
+                f"Trial {t.number:>3}: refusals {t.user_attrs['refusals']}/{t.user_attrs['total']}, KL {t.user_attrs['kl']:.4f}",
+                value=t,
+            )
+            for t in front
+        ]
+        trial = questionary.select("Which trial?", choices=choices + [questionary.Choice("Quit", value=None)]).ask()
+        if trial is None:
+            return
+        session.restore(trial)
+        while True:
+            options = [questionary.Choice(label, value=key) for key, label in ACTION_LABELS.items()]
+            options += [questionary.Choice("Pick another trial", value="back"), questionary.Choice("Quit", value=None)]
+            action = questionary.select(f"Trial {trial.number}: what now?", choices=options).ask()
+            if action is None:
+                return
+            if action == "back":
+                break
+            try:
+                perform(session, trial, action)
+            except ApostateError as error:
+                console.print(f"[red]error:[/] {error}")
+
+
+def _announce(trial) -> None:
+    attrs = trial.user_attrs
+    console.print(
+        f"Using trial [bold]{trial.number}[/]: refusals {attrs['refusals']}/{attrs['total']}, KL {attrs['kl']:.4f}"
+    )
+
+
+def perform(session, trial, action: str) -> None:
+    settings = session.settings
+    if action == "evaluate":
+        evaluate_heldout(session, trial)
+    elif action == "chat":
+        from .chat import chat
+
+        chat(session.model, session.loaded.tokenizer, settings.system_prompt, session.loaded.device)
+    elif action in ("save", "save-adapter"):
+        default = session.run_dir / ("model" if action == "save" else "adapter")
+        output = settings.output_dir or default
+        summary = _summary(session, trial)
+        if action == "save":
+            path = save_merged(
+                session.source,
+                session.method.deltas(),
+                session.loaded.tokenizer,
+                output,
+                settings.max_shard_size,
+                summary,
+                settings.trust_remote_code,
+            )
+        else:
+            if not session.method.edits_in_adapter:
+                raise ApostateError(
+                    f"method '{settings.method}' edits full weights (any rank), which a LoRA adapter cannot hold; "
+                    "save the merged model, or use method 'ara-lora'"
+                )
+            path = save_adapter(session.source, session.adapter, session.loaded.tokenizer, output, summary)
+        console.print(f"Saved to [bold]{path}[/]")
+
+
+def _summary(session, trial) -> TrialSummary:
+    record = trial_record(trial)
+    scores = {"evaluation": {"refusals": record["refusals"], "total": record["total"], "kl": record["kl"]}}
+    heldout = trial.user_attrs.get("heldout") or session.study.user_attrs.get(f"heldout_{trial.number}")
+    if heldout:
+        scores["held-out"] = heldout
+    return TrialSummary(
+        method=session.settings.method,
+        trial_number=trial.number,
+        raw_parameters=dict(trial.params),
+        parameters=record["parameters"],
+        scores=scores,
+        settings=session.settings.model_dump(mode="json", exclude={"config"}),
+    )
+
+
+def evaluate_heldout(session, trial) -> Scores:
+    """Refusals and KL of a trial on the held-out prompts (never seen by the search)."""
+    if not session.scorer.harmful_texts or not session.texts.of("harmful", "heldout"):
+        raise ApostateError("there are no held-out prompts (heldout_count is 0)")
+    scorer = evaluation_scorer(
+        session.loaded.tokenizer,
+        session.loaded.device,
+        session.settings,
+        session.startup.batch_size,
+        session.texts,
+        subset="heldout",
+    )
+    session.method.reset()
+    base = scorer.record_base(session.model)
+    session.restore(trial)
+    scores = scorer.score(session.model)
+    _print_comparison("held-out", base, scores)
+    session.study.set_user_attr(
+        f"heldout_{trial.number}",
+        {"refusals": scores.refusals, "total": scores.total, "kl": scores.kl, "base_refusals": base.refusals},
+    )
+    return scores
+
+
+def _print_comparison(label: str, base: Scores, scores: Scores) -> None:
+    console.print(
+        f"{label}: base model refuses {base.refusals}/{base.total} ({base.refusal_rate:.1%}); "
+        f"this model refuses {scores.refusals}/{scores.total} ({scores.refusal_rate:.1%}), KL {scores.kl:.4f}"
+    )
+
+
+def evaluate_other_model(settings, source) -> int:
+    """--evaluate-model: score another model against the base on the held-out prompts."""
+    from ..model.loading import load_model, load_tokenizer
+    from ..model.sources import resolve_source
+
+    other_source = resolve_source(settings.evaluate_model, None, settings.cache_path())
+    prompts = load_prompt_sets(settings)
+    tokenizer = load_tokenizer(source, settings)
+    prefix = settings.response_prefix or ""
+    texts = Texts(tokenizer, settings, prompts, prefix)
+    batch_size = settings.batch_size or 8
+    loaded = load_model(source, settings, tokenizer)
+    scorer: Scorer = evaluation_scorer(tokenizer, loaded.device, settings, batch_size, texts, subset="heldout")
+    base = scorer.record_base(loaded.model)
+    del loaded
+    gc.collect()
+    other = load_model(other_source, settings, tokenizer)
+    scores = scorer.score(other.model)
+    _print_comparison(f"held-out ({Path(settings.evaluate_model).name})", base, scores)
+    return 0
