@@ -108,7 +108,7 @@ def make_method(model, tokenizer, method: str, **ara):
     }
     captures = build_captures(adapter, inputs["harmless"], inputs["harmful"], settings.ara.basis_rank)
     context = MethodContext(adapter, settings, architecture.n_layers, ["attn", "mlp"], torch.zeros(4, 64), captures)
-    return method_class(context), adapter, texts
+    return method_type(context), adapter, texts
 
 
 def trial_parameters(steer=0.8, overcorrect=0.5, start=0.0):
