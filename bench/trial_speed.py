@@ -24,8 +24,7 @@ import optuna
 
 def main(argv: list[str]) -> None:
     from apostate.decoding.batching import last_position_logprobs
-    from apostate.decoding.generation import _generate_plain
-    from apostate.decoding.layer_replay import unchanged_layers
+    from apostate.decoding.generation import generate_plain
     from apostate.model.sources import resolve_source
     from apostate.monitor import PhaseMonitor
     from apostate.pipeline import run_dir_for, start_session
@@ -42,7 +41,8 @@ def main(argv: list[str]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     session = start_session(settings, source, run_dir, monitor)
     monitor.close()
-    scorer, model, s = session.scorer, session.model, session.scorer.setup
+    scorer, model = session.scorer, session.model
+    harmless, harmful = scorer.harmless, scorer.harmful
     trials = [t.params for t in session.study.trials if t.state == optuna.trial.TrialState.COMPLETE][:count]
     if not trials:
         sampler = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -50,7 +50,7 @@ def main(argv: list[str]) -> None:
             trial = sampler.ask()
             session.method.suggest(trial)
             trials.append(trial.params)
-    print(f"{len(trials)} trials; batch size {s.batch_size}; {len(scorer.harmful_texts)} harmful prompts")
+    print(f"{len(trials)} trials; batch size {harmful.batch_size}; {len(harmful)} harmful prompts")
     session.method.reset()
     scorer.kl(model)
     scorer.refusal_flags(model)  # the base model's responses seed the pool, as in a run
@@ -60,33 +60,35 @@ def main(argv: list[str]) -> None:
         session.method.apply(session.method.suggest(optuna.trial.FixedTrial(params)))
         row = {"trial": number, "first edited layer": min(session.method.edited_layers(), default=None)}
         start = time.perf_counter()
-        plain_logprobs = last_position_logprobs(model, s.tokenizer, scorer.harmless_texts, s.batch_size, s.device)
+        plain_logprobs = last_position_logprobs(
+            model, harmless.tokenizer, harmless.texts, harmless.batch_size, harmless.device
+        )
         row["kl plain"] = time.perf_counter() - start
         start = time.perf_counter()
-        unchanged = unchanged_layers(session.method.edited_layers())  # as in a trial
-        fast_kl = scorer.kl(model, unchanged)  # also gives the pool the model's signature
+        edited = session.method.edited_layers()  # as in a trial
+        fast_kl = scorer.kl(model, edited)  # also gives the pool the model's signature
         row["kl fast"] = time.perf_counter() - start
         row["kl diff"] = abs(fast_kl - kl_divergence(scorer.base_logprobs, plain_logprobs))
         start = time.perf_counter()
-        plain = _generate_plain(model, s.tokenizer, scorer.harmful_texts, s.max_new_tokens, s.batch_size,
-                                s.device, s.detector.decided, None)  # fmt: skip
+        plain = generate_plain(model, harmful.tokenizer, harmful.texts, scorer.max_new_tokens, harmful.batch_size,
+                               harmful.device, scorer.detector.decided, None)  # fmt: skip
         row["gen plain"] = time.perf_counter() - start
         start = time.perf_counter()
-        before = dataclasses.replace(scorer.pool.stats)
-        fast_flags = scorer.refusal_flags(model, unchanged=unchanged)
+        before = dataclasses.replace(harmful.pool.stats)
+        fast_flags = scorer.refusal_flags(model, edited_layers=edited)
         row["gen fast"] = time.perf_counter() - start
-        after = scorer.pool.stats
+        after = harmful.pool.stats
         row["passes"] = after.passes - before.passes
         row["kept"] = f"{after.accepted - before.accepted}/{after.proposed - before.proposed}"
         row["tokens/pass"] = (after.generated - before.generated) / max(row["passes"], 1)
-        a, b = scorer.pool.cost.coefficients()
+        a, b = harmful.pool.cost.coefficients()
         row["pass cost"] = f"{a:.3f}+{b * 1000:.2f}ms/token"
-        plain_flags = [s.detector.is_refusal(r) for r in plain]
+        plain_flags = [scorer.detector.is_refusal(r) for r in plain]
         row["same (early stop)"] = plain_flags == fast_flags
         if full:
-            texts = _generate_plain(model, s.tokenizer, scorer.harmful_texts, s.max_new_tokens, s.batch_size,
-                                    s.device, None, None)  # fmt: skip
-            row["same (full)"] = [s.detector.is_refusal(r) for r in texts] == fast_flags
+            texts = generate_plain(model, harmful.tokenizer, harmful.texts, scorer.max_new_tokens,
+                                   harmful.batch_size, harmful.device, None, None)  # fmt: skip
+            row["same (full)"] = [scorer.detector.is_refusal(r) for r in texts] == fast_flags
         row["refusals"] = sum(fast_flags)
         rows.append(row)
         print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)

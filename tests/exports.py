@@ -6,8 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apostate.cli import main
-from apostate.scoring.scorer import first_token_logprobs, kl_divergence
-from apostate.search.startup import Texts, load_prompt_sets
+from apostate.decoding import PromptSet
+from apostate.prompts import Texts, load_prompt_splits
+from apostate.scoring.scorer import kl_divergence
 from apostate.settings import parse_command_line
 
 
@@ -24,8 +25,6 @@ def exported_kl(base_folder, output, run_dir, flags: list[str], subset: str = "e
     exported = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
     settings = parse_command_line([str(base_folder), *flags])
     prefix = torch.load(run_dir / "startup.pt", weights_only=False)["startup"].response_prefix
-    texts = Texts(tokenizer, settings, load_prompt_sets(settings), prefix).of("harmless", subset)
-    return kl_divergence(
-        first_token_logprobs(base, tokenizer, texts, 8, "cpu"),
-        first_token_logprobs(exported, tokenizer, texts, 8, "cpu"),
-    )
+    texts = Texts(tokenizer, settings, load_prompt_splits(settings), prefix).of("harmless", subset)
+    prompts = PromptSet(tokenizer, texts, 8, "cpu")
+    return kl_divergence(prompts.first_token_logprobs(base), prompts.first_token_logprobs(exported))

@@ -164,25 +164,26 @@ def test_steering_moves_harmful_outputs_toward_harmless_ones():
     model, tokenizer = tiny_model("qwen2", layers=3, seed=1)
     method, adapter, texts = make_method(model, tokenizer, "ara")
     parameters = method.suggest(FixedTrial(trial_parameters(steer=1.0, overcorrect=0.0)))
-    for index, expert, _slot, capture in method.selected(parameters):
-        objective = method.objective(capture, parameters)
-        before = objective(capture.harmless_outputs, capture.harmful_outputs).item()
-        method.apply(parameters)
-        delta = method.edits[(index, expert)]
-        harmful = capture.harmful_outputs + capture.harmful_coords @ (delta @ capture.basis.T).T
-        harmless = capture.harmless_outputs + capture.harmless_coords @ (delta @ capture.basis.T).T
-        gap_before = (capture.harmful_outputs.mean(0) - capture.harmless_outputs.mean(0)).norm()
-        gap_after = (harmful.mean(0) - capture.harmless_outputs.mean(0)).norm()
-        assert objective(harmless, harmful).item() < before
-        assert gap_after < gap_before
-        method.reset()
-        break
+    first = next(method.selected(parameters), None)
+    assert first is not None, "the trial's layers select some module"
+    index, expert, _slot, capture = first
+    objective = method.objective(capture, parameters)
+    before = objective(capture.harmless_outputs, capture.harmful_outputs).item()
+    method.apply(parameters)
+    delta = method.edits[(index, expert)]
+    harmful = capture.harmful_outputs + capture.harmful_coords @ (delta @ capture.basis.T).T
+    harmless = capture.harmless_outputs + capture.harmless_coords @ (delta @ capture.basis.T).T
+    gap_before = (capture.harmful_outputs.mean(0) - capture.harmless_outputs.mean(0)).norm()
+    gap_after = (harmful.mean(0) - capture.harmless_outputs.mean(0)).norm()
+    assert objective(harmless, harmful).item() < before
+    assert gap_after < gap_before
 
 
 def test_trust_region_caps_the_edit():
     model, tokenizer = tiny_model("qwen2", layers=3, seed=1)
     method, adapter, texts = make_method(model, tokenizer, "ara", max_relative_edit=0.01)
     method.apply(method.suggest(FixedTrial(trial_parameters(steer=1.0))))
+    assert method.edits, "the trial edits some module"
     for (index, _expert), delta in method.edits.items():
         weight = method.originals[index].float()
         assert delta.norm() <= 0.01 * weight.norm() * 1.0001
@@ -302,7 +303,7 @@ def test_captured_rows_keep_the_models_dtype_and_captures_are_built_in_float32()
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                            tokenize=False) for p in HARMLESS + HARMFUL]  # fmt: skip
     rows = capture_writer_inputs(model, tokenizer, adapter, linear, texts, 4, "cpu", "capturing")
-    assert all(tensor.dtype == torch.bfloat16 and tensor.shape[0] == len(texts) for tensor in rows.values())
+    assert rows and all(tensor.dtype == torch.bfloat16 and tensor.shape[0] == len(texts) for tensor in rows.values())
     half = len(HARMLESS)
     captures = build_captures(
         adapter, {k: v[:half] for k, v in rows.items()}, {k: v[half:] for k, v in rows.items()}, 8

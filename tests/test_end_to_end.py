@@ -10,7 +10,8 @@ from tiny import tiny_model_folder
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apostate.cli import main
-from apostate.search.study import TrialRunner, completed, open_study
+from apostate.search.study import completed, open_study
+from apostate.search.trials import TrialRunner
 
 SMALL = (
     "--dtypes float32 --batch-size 8 --max-response-tokens 6 --n-startup-trials 2 "
@@ -163,17 +164,17 @@ class _FakeMethod:
 
 
 class _FakeScorer:
-    harmful_texts = ["a", "b"]
+    harmful_count = 2
 
     def __init__(self, kl: float):
         self._kl = kl
         self.counted = 0
 
-    def kl(self, model, unchanged=0):
-        assert unchanged == 3  # the layers below the first edited one
+    def kl(self, model, edited_layers=None):
+        assert edited_layers == {3}  # the trial loop tells the scorer what the method edited
         return self._kl
 
-    def count_refusals(self, model, unchanged=0):
+    def count_refusals(self, model, edited_layers=None):
         self.counted += 1
         return 1
 
@@ -200,7 +201,7 @@ def test_broken_or_far_off_trials_are_infeasible_pruned_and_never_on_the_front(t
 def test_trials_draft_from_the_base_models_responses_in_a_fresh_and_a_resumed_run(model_dir, tmp_path):
     """The base model's responses, measured at start-up (or read back from the run folder),
     are in the trial scorer's pool before the first trial, and they are its greedy responses."""
-    from apostate.decoding.generation import _generate_plain
+    from apostate.decoding.generation import generate_plain
     from apostate.model.sources import resolve_source
     from apostate.monitor import PhaseMonitor
     from apostate.pipeline import start_session
@@ -212,10 +213,9 @@ def test_trials_draft_from_the_base_models_responses_in_a_fresh_and_a_resumed_ru
     pools = []
     for _ in range(2):  # the second session reads the start-up measurements back
         session = start_session(settings, source, tmp_path / "run", PhaseMonitor())
-        pools.append(session.scorer.pool.newest())
+        pools.append(session.scorer.base_responses())
     assert pools[0] == pools[1] and all(pools[0])
     scorer, tokenizer = session.scorer, session.loaded.tokenizer
-    setup = scorer.setup
-    full = _generate_plain(session.model, tokenizer, scorer.harmful_texts, setup.max_new_tokens, 8, "cpu", None, None)
+    full = generate_plain(session.model, tokenizer, scorer.harmful.texts, scorer.max_new_tokens, 8, "cpu", None, None)
     for tokens, text in zip(pools[0], full, strict=True):  # early-stopped responses: a start of the full one
         assert text.startswith(tokenizer.decode(tokens, skip_special_tokens=True))

@@ -1,4 +1,5 @@
-"""Fast scoring paths give what the plain paths give: shared-prefix cache, drafts from earlier responses."""
+"""The decoding seam (PromptSet) gives what the plain paths give: shared-prefix cache, drafts from
+earlier responses, replayed layers."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import pytest
 import torch
 from tiny import tiny_model
 
+from apostate.decoding import PromptSet
 from apostate.decoding.batching import last_position_logprobs
-from apostate.decoding.generation import _generate_plain, generate
-from apostate.decoding.layer_replay import ALL_LAYERS, LayerReplay
-from apostate.decoding.prefix_cache import SharedPrefix, last_position_logprobs_shared
+from apostate.decoding.cpu_kernels import column_major_cpu_weights
+from apostate.decoding.generation import generate_plain
+from apostate.decoding.prefix_cache import SharedPrefix
 from apostate.decoding.response_pool import CONTINUATION, LOOKUP, DraftStats, PassCost, ResponsePool, best_width
-from apostate.model.loading import column_major_cpu_weights
 
 PROMPTS = ["hi", "tell me a story about a dragon", "why?", "list three colours", "a", "how do magnets work, briefly"]
 TOKENS = 12
@@ -37,7 +38,12 @@ def tiny():
 
 
 def plain(model, tokenizer, texts, stop_when=None):
-    return _generate_plain(model, tokenizer, texts, TOKENS, 4, "cpu", stop_when, None)
+    return generate_plain(model, tokenizer, texts, TOKENS, 4, "cpu", stop_when, None)
+
+
+def drafting(tokenizer, texts, batch_size=4) -> PromptSet:
+    """A prompt set that drafts from its earlier responses."""
+    return PromptSet(tokenizer, texts, batch_size, "cpu", reuse_responses=True)
 
 
 def test_the_shared_prefix_is_the_common_template_head(tiny):
@@ -51,7 +57,7 @@ def test_the_shared_prefix_is_the_common_template_head(tiny):
 def test_first_token_distributions_with_a_shared_prefix_equal_the_plain_pass(tiny):
     model, tokenizer, texts = tiny
     plain_logprobs = last_position_logprobs(model, tokenizer, texts, 4, "cpu")
-    shared_logprobs = last_position_logprobs_shared(model, tokenizer, texts, 4, "cpu")
+    shared_logprobs = PromptSet(tokenizer, texts, 4, "cpu").first_token_logprobs(model)
     assert torch.allclose(plain_logprobs, shared_logprobs, atol=1e-5)
 
 
@@ -75,26 +81,27 @@ def corrupted(responses: list[list[int]], seed: int) -> list[list[int]]:
 def test_greedy_responses_equal_transformers_generate_with_any_drafts(tiny):
     model, tokenizer, texts = tiny
     expected = plain(model, tokenizer, texts)
-    recorded = ResponsePool(len(texts))
-    assert generate(model, tokenizer, texts, TOKENS, 4, "cpu", pool=recorded) == expected  # no drafts yet
-    exact = [responses[0][1] for responses in recorded.responses]  # (model, tokens), newest first
+    recorded = drafting(tokenizer, texts)
+    assert recorded.greedy_responses(model, TOKENS) == expected  # no drafts yet
+    exact = recorded.latest_responses()
     for seed in range(4):  # wrong drafts of every kind, newest first, then the exact ones behind them
-        pool = ResponsePool(len(texts))
+        prompts = drafting(tokenizer, texts)
+        prompts.remember_base(responses=exact)
         for index, tokens in enumerate(corrupted(exact, seed)):
-            pool.add(index, tokens)
-        assert generate(model, tokenizer, texts, TOKENS, 4, "cpu", pool=pool) == expected
+            prompts.pool.add(index, tokens)
+        assert prompts.greedy_responses(model, TOKENS) == expected
 
 
 def test_correct_drafts_take_one_forward_pass_per_batch(tiny, monkeypatch):
     model, tokenizer, texts = tiny
-    pool = ResponsePool(len(texts))
-    first = generate(model, tokenizer, texts, TOKENS, 3, "cpu", pool=pool)  # fills the pool
-    pool.stats.accepted = 1000  # a history of drafts that were right: long drafts pay
+    prompts = drafting(tokenizer, texts, batch_size=3)
+    first = prompts.greedy_responses(model, TOKENS)  # fills the pool
+    prompts.pool.stats.accepted = 1000  # a history of drafts that were right: long drafts pay
     calls = []
     decoder = model.get_decoder()  # every pass runs it, whether or not logits are wanted
     original = decoder.forward
     monkeypatch.setattr(decoder, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
-    assert generate(model, tokenizer, texts, TOKENS, 3, "cpu", pool=pool) == first
+    assert prompts.greedy_responses(model, TOKENS) == first
     # One pass for the shared prefix, one per batch of 3 prompts, then one decoding pass per
     # batch of 3 responses: every draft was accepted whole.
     assert len(texts) == 6 and len(calls) == 1 + 2 + 2
@@ -106,7 +113,7 @@ def test_early_stop_gives_the_verdicts_of_full_generation(tiny):
     # A "marker" that some responses contain: the second character of the first response.
     marker = full[0][1:3]
     decided = lambda text: marker in text  # noqa: E731
-    fast = generate(model, tokenizer, texts, TOKENS, 4, "cpu", stop_when=decided, pool=ResponsePool(len(texts)))
+    fast = drafting(tokenizer, texts).greedy_responses(model, TOKENS, stop_when=decided)
     assert [marker in r for r in fast] == [marker in r for r in full]
     assert any(len(f) < len(r) for f, r in zip(fast, full, strict=True))  # some stopped early
 
@@ -157,8 +164,8 @@ def test_column_major_weights_change_no_output():
     with torch.inference_mode():
         before = model(**inputs).logits
         shapes = {name: p.shape for name, p in model.named_parameters()}
-        assert column_major_cpu_weights(model, pays=lambda weight: False) == 0  # where it would not pay
-        changed = column_major_cpu_weights(model, pays=lambda weight: True)
+        assert column_major_cpu_weights(model, lambda weight: False) == 0  # where it would not pay
+        changed = column_major_cpu_weights(model, lambda weight: True)
         after = model(**inputs).logits
     linear_weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert changed == len(linear_weights) > 0
@@ -173,23 +180,37 @@ def test_replayed_layers_give_what_running_them_gives():
     tokenizer.padding_side = "left"
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
              for p in PROMPTS]  # fmt: skip
-    harmless, harmful = LayerReplay(with_cache=False), LayerReplay(with_cache=True)
-    base = last_position_logprobs_shared(model, tokenizer, texts, 4, "cpu", harmless, ALL_LAYERS)  # records
-    generate(model, tokenizer, texts, TOKENS, 4, "cpu", replay=harmful, unchanged=ALL_LAYERS)
+    harmless, harmful = PromptSet(tokenizer, texts, 4, "cpu"), PromptSet(tokenizer, texts, 4, "cpu")
+    base = harmless.first_token_logprobs(model, edited_layers=set())  # no edit: records every layer
+    harmful.greedy_responses(model, TOKENS, edited_layers=set())
     with torch.no_grad():
         model.model.layers[2].mlp.down_proj.weight.mul_(3)  # an edit of layer 2: layers 0 and 1 are the base's
     calls = []
     model.model.layers[0].register_forward_hook(lambda *_: calls.append(1))
-    expected = last_position_logprobs_shared(model, tokenizer, texts, 4, "cpu")
-    expected_responses = generate(model, tokenizer, texts, TOKENS, 4, "cpu")
+    expected = PromptSet(tokenizer, texts, 4, "cpu").first_token_logprobs(model)
+    expected_responses = PromptSet(tokenizer, texts, 4, "cpu").greedy_responses(model, TOKENS)
     plain_calls = len(calls)
     assert not torch.allclose(expected, base)
     calls.clear()
-    assert torch.equal(last_position_logprobs_shared(model, tokenizer, texts, 4, "cpu", harmless, 2), expected)
-    assert generate(model, tokenizer, texts, TOKENS, 4, "cpu", replay=harmful, unchanged=2) == expected_responses
+    layers = list(model.model.layers)
+    assert torch.equal(harmless.first_token_logprobs(model, edited_layers={2, 3}), expected)
+    assert harmful.greedy_responses(model, TOKENS, edited_layers={2}) == expected_responses
     assert len(calls) == plain_calls - 2 - 2  # layer 0 skipped in both prompt passes of both sets
+    assert list(model.model.layers) == layers  # every replayed layer is back in place
     # Replaying the edited layer too gives the base model's layer 2: the records are what runs.
-    assert not torch.equal(last_position_logprobs_shared(model, tokenizer, texts, 4, "cpu", harmless, 3), expected)
+    assert not torch.equal(harmless.first_token_logprobs(model, edited_layers={3}), expected)
+
+
+def test_layers_are_put_back_when_a_replayed_pass_fails(tiny, monkeypatch):
+    model, tokenizer, texts = tiny
+    prompts = PromptSet(tokenizer, texts, 4, "cpu")
+    prompts.first_token_logprobs(model, edited_layers=set())  # records
+    layers = list(model.model.layers)
+    norm = model.model.norm
+    monkeypatch.setattr(norm, "forward", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        prompts.first_token_logprobs(model, edited_layers={1})
+    assert list(model.model.layers) == layers
 
 
 def test_each_pass_carries_the_least_advanced_sequences(tiny, monkeypatch):
@@ -197,10 +218,10 @@ def test_each_pass_carries_the_least_advanced_sequences(tiny, monkeypatch):
 
     model, tokenizer, texts = tiny
     expected = plain(model, tokenizer, texts)
-    pool = ResponsePool(len(texts))
-    generate(model, tokenizer, texts, TOKENS, 2, "cpu", pool=pool)
-    for index, tokens in enumerate(corrupted([r[0][1] for r in pool.responses], seed=1)):
-        pool.add(index, tokens)  # some drafts hold to the end, some break early: sequences advance unevenly
+    prompts = drafting(tokenizer, texts, batch_size=2)
+    prompts.greedy_responses(model, TOKENS)
+    for index, tokens in enumerate(corrupted(prompts.latest_responses(), seed=1)):
+        prompts.pool.add(index, tokens)  # some drafts hold to the end, some break early: sequences advance unevenly
     passes: list[tuple[list[int], list[int]]] = []  # per pass: known lengths carried, and left to wait
     choose = speculative.least_advanced
 
@@ -210,7 +231,7 @@ def test_each_pass_carries_the_least_advanced_sequences(tiny, monkeypatch):
         return chosen
 
     monkeypatch.setattr(speculative, "least_advanced", spy)
-    assert generate(model, tokenizer, texts, TOKENS, 2, "cpu", pool=pool) == expected
+    assert prompts.greedy_responses(model, TOKENS) == expected
     assert all(len(carried) <= 2 for carried, _ in passes)
     assert any(waiting and len(set(carried + waiting)) > 1 for carried, waiting in passes)  # a real choice was made
     assert all(max(carried) <= min(waiting, default=TOKENS) for carried, waiting in passes)

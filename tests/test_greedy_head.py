@@ -2,7 +2,7 @@
 
 import torch
 
-from apostate.decoding import greedy_head
+from apostate.decoding import CpuKernels
 from apostate.decoding.greedy_head import GreedyHead
 
 
@@ -46,9 +46,13 @@ def test_keeps_the_leading_shape_and_applies_only_to_float32_cpu_projections(mon
         def get_output_embeddings(self):
             return self.head
 
-    monkeypatch.setattr(greedy_head, "bfloat16_screen_pays", lambda weight: True)
-    assert GreedyHead.of(Model(linear)) is GreedyHead.of(Model(linear))  # made once per projection
-    assert GreedyHead.of(Model(projection().to(torch.bfloat16))) is None
-    assert GreedyHead.of(Model(torch.nn.Linear(64, 10, bias=True))) is None
-    monkeypatch.setattr(greedy_head, "bfloat16_screen_pays", lambda weight: False)
-    assert GreedyHead.of(Model(projection(seed=1))) is None  # this CPU screens slower than it computes
+    kernels = CpuKernels()
+    monkeypatch.setattr(kernels.timer, "bfloat16_screen_pays", lambda weight: True)
+    model = Model(linear)
+    assert isinstance(kernels.greedy_head(model), GreedyHead)
+    assert kernels.greedy_head(model) is kernels.greedy_head(Model(linear))  # made once per projection
+    assert CpuKernels().greedy_head(model) is not kernels.greedy_head(model)  # each CpuKernels owns its heads
+    assert kernels.greedy_head(Model(projection().to(torch.bfloat16))) is None
+    assert kernels.greedy_head(Model(torch.nn.Linear(64, 10, bias=True))) is None
+    monkeypatch.setattr(kernels.timer, "bfloat16_screen_pays", lambda weight: False)
+    assert kernels.greedy_head(Model(projection(seed=1))) is None  # this CPU screens slower than it computes

@@ -3,8 +3,9 @@
 import torch
 from tiny import tiny_model
 
-from apostate.decoding import kernel_timing
-from apostate.decoding.kernel_timing import ROW_RANGES, route_linears
+from apostate.decoding import CpuKernels, kernel_timing
+from apostate.decoding.cpu_kernels import route_linears
+from apostate.decoding.kernel_timing import ROW_RANGES
 
 
 def test_layers_routed_to_onednn_give_the_same_outputs_and_see_in_place_edits():
@@ -13,8 +14,8 @@ def test_layers_routed_to_onednn_give_the_same_outputs_and_see_in_place_edits():
     with torch.inference_mode():
         before = model(**inputs).logits
         linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-        assert route_linears(model, pays=lambda weight: (False,) * len(ROW_RANGES)) == 0
-        assert route_linears(model, pays=lambda weight: (True,) * len(ROW_RANGES)) == len(linear)
+        assert route_linears(model, lambda weight: (False,) * len(ROW_RANGES)) == []
+        assert route_linears(model, lambda weight: (True,) * len(ROW_RANGES)) == linear
         calls = []
         original = kernel_timing.onednn_linear
         kernel_timing.onednn_linear = lambda *args: calls.append(1) or original(*args)
@@ -32,7 +33,7 @@ def test_layers_routed_to_onednn_give_the_same_outputs_and_see_in_place_edits():
 def test_routed_layers_fall_back_to_mkl_outside_their_row_ranges_and_for_gradients():
     layer = torch.nn.Linear(16, 8)
     choices = tuple(most is not None and most < 100 for most, _ in ROW_RANGES)  # oneDNN for few rows only
-    assert route_linears(layer, pays=lambda weight: choices) == 1
+    assert route_linears(layer, lambda weight: choices) == [layer]
     calls = []
     original = kernel_timing.onednn_linear
     kernel_timing.onednn_linear = lambda *args: calls.append(1) or original(*args)
@@ -48,3 +49,23 @@ def test_routed_layers_fall_back_to_mkl_outside_their_row_ranges_and_for_gradien
         assert x.grad is not None and len(calls) == 1
     finally:
         kernel_timing.onednn_linear = original
+
+
+def test_kernel_choices_are_kept_per_object_and_restore_gives_the_plain_forwards_back(monkeypatch):
+    model, tokenizer = tiny_model("qwen2", layers=2, seed=4, initializer_range=0.3)
+    inputs = tokenizer(["hi", "tell me a story about a dragon"], return_tensors="pt", padding=True)
+    linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    kernels = CpuKernels()
+    monkeypatch.setattr(kernels.timer, "onednn_pays", lambda weight: (True,) * len(ROW_RANGES))
+    monkeypatch.setattr(kernels.timer, "column_major_pays", lambda weight: False)
+    with torch.inference_mode():
+        before = model(**inputs).logits
+        assert "Linear layers on oneDNN" in kernels.apply(model)
+        assert all("forward" in vars(module) for module in linear)  # swapped on each instance
+        assert torch.allclose(model(**inputs).logits, before, rtol=1e-5, atol=1e-5)
+        kernels.restore()
+        assert not any("forward" in vars(module) for module in linear)  # the class's forward again
+        assert torch.equal(model(**inputs).logits, before)
+    timed = CpuKernels()
+    timed.timer.onednn_pays(linear[0].weight)
+    assert len(timed.timer.choices) == 1 and CpuKernels().timer.choices == {}  # no state shared between objects

@@ -10,9 +10,8 @@ import torch
 from exports import run_and_save
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from apostate.scoring.refusals import RefusalDetector
-from apostate.scoring.scorer import Scorer, ScoringSetup
-from apostate.search.startup import Texts, load_prompt_sets
+from apostate.prompts import Texts, load_prompt_splits
+from apostate.scoring import build_scorer
 from apostate.settings import parse_command_line
 
 pytestmark = pytest.mark.real_model
@@ -37,9 +36,8 @@ def test_exported_demo_model_refuses_fewer_heldout_prompts(tmp_path):
     settings = parse_command_line(["demo", *FLAGS])
     prefix = torch.load(run_dir / "startup.pt", weights_only=False)["startup"].response_prefix
     tokenizer = AutoTokenizer.from_pretrained(output, padding_side="left")
-    texts = Texts(tokenizer, settings, load_prompt_sets(settings), prefix)
-    setup = ScoringSetup(tokenizer, torch.device("cpu"), 30, 32, RefusalDetector(settings.refusal_markers))
-    scorer = Scorer(setup, texts.of("harmless", "heldout"), texts.of("harmful", "heldout"), "held-out")
+    texts = Texts(tokenizer, settings, load_prompt_splits(settings), prefix)
+    scorer = build_scorer(tokenizer, torch.device("cpu"), None, settings, 30, texts, subset="heldout")
 
     from apostate.model.sources import resolve_source
 
@@ -62,8 +60,7 @@ def test_fast_scoring_gives_the_verdicts_of_full_generation(tmp_path):
     import optuna
 
     from apostate.decoding.batching import last_position_logprobs
-    from apostate.decoding.generation import _generate_plain
-    from apostate.decoding.layer_replay import unchanged_layers
+    from apostate.decoding.generation import generate_plain
     from apostate.model.sources import resolve_source
     from apostate.monitor import PhaseMonitor
     from apostate.pipeline import start_session
@@ -74,20 +71,21 @@ def test_fast_scoring_gives_the_verdicts_of_full_generation(tmp_path):
     monitor = PhaseMonitor()
     session = start_session(settings, resolve_source("demo", None, settings.cache_path()), tmp_path, monitor)
     monitor.close()
-    scorer, setup = session.scorer, session.scorer.setup
+    scorer = session.scorer
+    harmless, harmful = scorer.harmless, scorer.harmful
     sampler = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
     session.method.reset()
     scorer.refusal_flags(session.model)  # the base's responses seed the drafts, as in a run
     for _ in range(4):
         session.method.reset()
         session.method.apply(session.method.suggest(sampler.ask()))
-        unchanged = unchanged_layers(session.method.edited_layers())  # replayed as in a trial
-        fast_kl = scorer.kl(session.model, unchanged)
-        plain_logprobs = last_position_logprobs(session.model, setup.tokenizer, scorer.harmless_texts,
-                                                setup.batch_size, setup.device)  # fmt: skip
+        edited = session.method.edited_layers()  # replayed below the first, as in a trial
+        fast_kl = scorer.kl(session.model, edited)
+        plain_logprobs = last_position_logprobs(session.model, harmless.tokenizer, harmless.texts,
+                                                harmless.batch_size, harmless.device)  # fmt: skip
         assert fast_kl == pytest.approx(kl_divergence(scorer.base_logprobs, plain_logprobs), rel=1e-3, abs=1e-6)
-        fast = scorer.refusal_flags(session.model, unchanged=unchanged)
-        full = _generate_plain(session.model, setup.tokenizer, scorer.harmful_texts, setup.max_new_tokens,
-                               setup.batch_size, setup.device, None, None)  # fmt: skip
-        assert fast == [setup.detector.is_refusal(response) for response in full]
-    assert scorer.harmful_replay.records  # the later trials replayed what the first ones recorded
+        fast = scorer.refusal_flags(session.model, edited_layers=edited)
+        full = generate_plain(session.model, harmful.tokenizer, harmful.texts, scorer.max_new_tokens,
+                              harmful.batch_size, harmful.device, None, None)  # fmt: skip
+        assert fast == [scorer.detector.is_refusal(response) for response in full]
+    assert harmful.replays[True].records  # the later trials replayed what the first ones recorded

@@ -16,7 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_sources_merge_with_cli_over_env_over_toml(tmp_path, monkeypatch):
     config = tmp_path / "run.toml"
-    config.write_text('n_trials = 4\nseed = 3\nsystem_prompt = "toml"\n[harmful]\nevaluation_count = 7\n')
+    config.write_text(
+        'n_trials = 4\nn_startup_trials = 2\nseed = 3\nsystem_prompt = "toml"\n[harmful]\nevaluation_count = 7\n'
+    )
     monkeypatch.setenv("APOSTATE_SEED", "9")
     monkeypatch.setenv("APOSTATE_HARMLESS__HELDOUT_COUNT", "11")
     settings = parse_command_line(["demo", "--config", str(config), "--n-trials", "6"])
@@ -36,6 +38,66 @@ def test_unknown_keys_are_rejected(tmp_path):
     config.write_text("n_trails = 5\n")
     with pytest.raises(ValidationError, match="n_trails"):
         parse_command_line(["demo", "--config", str(config)])
+
+
+def test_settings_in_code_read_the_named_toml(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("n_trials = 4\nn_startup_trials = 2\n[harmful]\nevaluation_count = 7\n")
+    settings = Settings(model="x", config=config)
+    assert (settings.n_trials, settings.n_startup_trials, settings.harmful.evaluation_count) == (4, 2, 7)
+    assert Settings(model="x", config=str(config), n_trials=5).n_trials == 5  # keyword arguments beat the TOML
+
+
+def test_settings_in_code_read_the_local_toml_like_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "apostate.toml").write_text('n_trials = 4\nn_startup_trials = 2\nsystem_prompt = "toml"\n')
+    in_code = Settings(model="x")
+    assert (in_code.n_trials, in_code.system_prompt) == (4, "toml")
+    assert Settings(model="x", config=None).n_trials == 120  # config=None: no TOML file
+    flags = parse_command_line(["x", "--n-trials", "6"])
+    assert (flags.n_trials, flags.system_prompt) == (6, "toml")  # flags beat the TOML
+    assert flags.config == Path("apostate.toml")
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="config file .*nope.toml does not exist"):
+        Settings(model="x", config=tmp_path / "nope.toml")
+    with pytest.raises(FileNotFoundError, match="config file nope.toml does not exist"):
+        parse_command_line(["x", "--config", "nope.toml"])
+    (tmp_path / "folder.toml").mkdir()
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        Settings(model="x", config="folder.toml")
+
+
+def test_more_startup_trials_than_trials_is_an_error_not_a_clamp(tmp_path, capsys):
+    message = r"n_startup_trials \(30\) is more than n_trials \(10\): lower --n-startup-trials or raise --n-trials"
+    with pytest.raises(ValidationError, match=message):
+        parse_command_line(["demo", "--n-trials", "10"])
+    with pytest.raises(ValidationError, match="n_startup_trials"):
+        Settings(model="x", config=None, n_trials=3, n_startup_trials=4)
+    assert Settings(model="x", config=None, n_trials=3, n_startup_trials=3).n_startup_trials == 3
+
+    from apostate.cli import main
+
+    assert main(["demo", "--n-trials", "10"]) == 2
+    output = capsys.readouterr()
+    assert "lower --n-startup-trials or raise --n-trials" in output.out + output.err
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--search.direction-index", "[0.5, 1.2]"], "search.direction_index: upper bound 1.2 is above 1.0"),
+        (["--search.min-weight-distance", "[-0.1, 0.5]"], "search.min_weight_distance: lower bound -0.1 is below"),
+        (["--ara.layer-start", "[0.2, 1.5]"], "ara.layer_start: upper bound 1.5 is above 1.0"),
+        (["--ara.layer-span", "[-0.2, 0.5]"], "ara.layer_span: lower bound -0.2 is below 0.0"),
+        (["--ara.neighbours", "[0, 4]"], "ara.neighbours: lower bound 0 is below 1"),
+    ],
+)
+def test_ranges_that_cannot_hold_are_errors(flags, message):
+    with pytest.raises(ValidationError, match=message):
+        parse_command_line(["demo", *flags])
 
 
 @pytest.mark.parametrize(

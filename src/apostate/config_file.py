@@ -10,8 +10,9 @@ import textwrap
 
 import tomli_w
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
-from .settings import Settings
+from .settings import METHODS, Settings, measured_for
 
 SKIPPED = {"model", "config"}
 HEADER = """\
@@ -19,6 +20,7 @@ HEADER = """\
 # Use it with `apostate MODEL --config FILE`, or save it as ./apostate.toml.
 # Command-line flags (--kebab-case) and APOSTATE_* environment variables override it.
 """
+MEASURED = "Changes what a trial measures{scope}: a run folder made with another value will not resume."
 
 
 def render_default_config() -> str:
@@ -29,24 +31,30 @@ def render_default_config() -> str:
             continue
         default = field.get_default(call_default_factory=True)
         if isinstance(default, BaseModel):
-            tables.append((name, field.description, default))
+            tables.append((name, field, default))
             continue
-        lines.extend(_entry(name, field.description, default))
-    for name, description, model in tables:
+        lines.extend(_entry(name, _notes(field), default))
+    for name, field, model in tables:
         lines.append("")
-        lines.extend(_comment(description))
+        lines.extend(_notes(field))
         lines.append(f"[{name}]")
         for sub_name, sub_field in type(model).model_fields.items():
-            lines.extend(_entry(sub_name, sub_field.description, getattr(model, sub_name)))
+            lines.extend(_entry(sub_name, _notes(sub_field), getattr(model, sub_name)))
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _comment(text: str | None) -> list[str]:
-    return ["# " + line for line in textwrap.wrap(text or "", 88)]
+def _notes(field: FieldInfo) -> list[str]:
+    """A field's comment lines: its description, and whether it changes what a trial measures."""
+    texts = [field.description or ""]
+    methods = measured_for(field)
+    if methods:
+        scope = "" if set(methods) == set(METHODS) else " (methods " + ", ".join(f"'{m}'" for m in methods) + ")"
+        texts.append(MEASURED.format(scope=scope))
+    return ["# " + line for text in texts for line in textwrap.wrap(text, 88)]
 
 
-def _entry(name: str, description: str | None, value) -> list[str]:
-    lines = [""] + _comment(description)
+def _entry(name: str, notes: list[str], value) -> list[str]:
+    lines = ["", *notes]
     if value is None:
         lines.append(f"# {name} =  (unset)")
         return lines

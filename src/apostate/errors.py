@@ -13,3 +13,9 @@ class ApostateError(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type's name where it has none)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

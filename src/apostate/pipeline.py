@@ -8,18 +8,22 @@ from pathlib import Path
 
 import optuna
 
-from .methods import method_class
+from .decoding import CpuKernels
+from .methods import Method, method_class
+from .methods.ara.captures import capture_for_fitting
 from .methods.context import MethodContext
 from .model.adapter import Adapter, attach_adapter
 from .model.architecture import Architecture, discover
-from .model.loading import LoadedModel, load_model, load_tokenizer
+from .model.loading import LoadedModel, load_tokenizer
 from .model.sources import ModelSource, resolve_source
 from .monitor import PhaseMonitor, median_trial_phases
 from .progress import console
-from .scoring.scorer import Scorer
+from .prompts import PromptSplits, Texts, load_prompt_splits
+from .scoring import Scorer, build_scorer
 from .search.pareto import BaseScores, plot_front, print_front, write_pareto
-from .search.startup import PromptSets, Startup, Texts, evaluation_scorer, load_prompt_sets, prepare
-from .search.study import TrialRunner, completed, fingerprint_of, lock_run_dir, open_study, run_trials
+from .search.startup import Startup, load_for_trials, prepare
+from .search.study import completed, lock_run_dir, open_study
+from .search.trials import TrialRunner, run_trials
 from .settings import Settings
 
 
@@ -31,9 +35,10 @@ class Session:
     source: ModelSource
     run_dir: Path
     loaded: LoadedModel
+    kernels: CpuKernels
     architecture: Architecture
     adapter: Adapter
-    method: object
+    method: Method
     study: optuna.Study
     startup: Startup
     texts: Texts
@@ -45,12 +50,16 @@ class Session:
 
     @property
     def base(self) -> BaseScores:
-        return BaseScores(self.startup.base_refusals, len(self.scorer.harmful_texts))
+        return BaseScores(self.startup.base_refusals, self.scorer.harmful_count)
 
     def restore(self, trial: optuna.trial.FrozenTrial) -> None:
         """Put the model in the state of a finished trial (no reload: reset, then re-apply)."""
         self.method.reset()
         self.method.apply(self.method.suggest(optuna.trial.FixedTrial(trial.params)))
+
+    def close(self) -> None:
+        """Undo what was swapped into the model for speed (routed Linear layers)."""
+        self.kernels.restore()
 
 
 def run_dir_for(settings: Settings, source: ModelSource) -> Path:
@@ -62,6 +71,7 @@ def run(settings: Settings) -> int:
     source = resolve_source(settings.model, settings.model_revision, settings.cache_path())
     run_dir = run_dir_for(settings, source)
     lock = lock_run_dir(run_dir)
+    session = None
     try:
         if settings.evaluate_model:
             from .results.actions import evaluate_other_model
@@ -69,84 +79,67 @@ def run(settings: Settings) -> int:
             return evaluate_other_model(settings, source)
         monitor = PhaseMonitor()
         session = start_session(settings, source, run_dir, monitor)
-        finished = True
-        if not settings.show_results:
-            runner = TrialRunner(session.method, session.scorer, session.model, settings.kl_cutoff)
-            with monitor.phase("trials"):
-                finished = run_trials(session.study, runner, settings.n_trials, lambda study: _save_front(session))
-        if not completed(session.study):
-            console.print("No finished trials yet.")
-            return 0 if finished else 130
-        show_results(session)
-        if finished:
-            from .results.actions import act
-
-            chosen = ", ".join(settings.actions or ["none"]) if settings.headless else "interactive"
-            with monitor.phase(f"chosen trial: {chosen}"):
-                act(session)
-        _report_phases(session, monitor)
-        return 0 if finished else 130
+        return _search_and_act(session, monitor)
     finally:
+        if session is not None:
+            session.close()
         lock.close()
+
+
+def _search_and_act(session: Session, monitor: PhaseMonitor) -> int:
+    settings = session.settings
+    finished = True
+    if not settings.show_results:
+        runner = TrialRunner(session.method, session.scorer, session.model, settings.kl_cutoff)
+        with monitor.phase("trials"):
+            finished = run_trials(session.study, runner, settings.n_trials, lambda study: _save_front(session))
+    if not completed(session.study):
+        console.print("No finished trials yet.")
+        return 0 if finished else 130
+    show_results(session)
+    if finished:
+        from .results.actions import act
+
+        chosen = ", ".join(settings.actions or ["none"]) if settings.headless else "interactive"
+        with monitor.phase(f"chosen trial: {chosen}"):
+            act(session)
+    _report_phases(session, monitor)
+    return 0 if finished else 130
 
 
 def start_session(settings: Settings, source: ModelSource, run_dir: Path, monitor: PhaseMonitor) -> Session:
     console.print(f"Run folder: [bold]{run_dir}[/]")
-    study = open_study(run_dir, fingerprint_of(settings, source.name), settings.seed, settings.n_startup_trials)
-    prompts: PromptSets = load_prompt_sets(settings)
+    study = open_study(run_dir, settings.measurement_fingerprint(source.name), settings.seed, settings.n_startup_trials)
+    prompts: PromptSplits = load_prompt_splits(settings)
     console.print(f"Loading model [bold]{source.name}[/]...")
     method_type = method_class(settings.method)
     with monitor.phase("load model"):
         tokenizer = load_tokenizer(source, settings)
-        loaded = load_model(source, settings, tokenizer)
+        kernels = CpuKernels()
+        loaded = load_for_trials(source, settings, tokenizer, kernels)
         architecture = discover(loaded.model)
         _report_architecture(architecture, settings.components)
         adapter = attach_adapter(loaded.model, architecture, method_type.adapter_rank(settings))
     key = {
-        "fingerprint": fingerprint_of(settings, source.name),
+        "fingerprint": settings.measurement_fingerprint(source.name),
         "dtype": str(loaded.dtype),
         "batch_size": settings.batch_size,
     }
+    device = loaded.device
     with monitor.phase("start-up measurements"):
-        startup = prepare(adapter.model, tokenizer, loaded.device, settings, prompts, run_dir, key)
+        startup = prepare(adapter.model, tokenizer, device, kernels, settings, prompts, run_dir, key)
     texts = Texts(tokenizer, settings, prompts, startup.response_prefix)
-    scorer = evaluation_scorer(tokenizer, loaded.device, settings, startup.batch_size, texts)
+    scorer = build_scorer(tokenizer, device, kernels, settings, startup.batch_size, texts)
     scorer.resume_from_base(startup.base_logprobs, startup.base_responses)
     components = [c for c in settings.components if c in architecture.components()]
     context = MethodContext(adapter, settings, architecture.n_layers, components, startup.directions)
     if method_type.needs_captures:
         with monitor.phase("capture module activations"):
-            context.captures = capture_for_fitting(
-                adapter, tokenizer, loaded.device, settings, texts, startup.batch_size
-            )
+            context.captures = capture_for_fitting(adapter, tokenizer, device, settings, texts, startup.batch_size)
     method = method_type(context)
     study.set_user_attr("base_refusals", startup.base_refusals)
-    return Session(settings, source, run_dir, loaded, architecture, adapter, method, study, startup, texts, scorer)
-
-
-def capture_for_fitting(adapter: Adapter, tokenizer, device, settings: Settings, texts: Texts, batch_size: int) -> dict:
-    """Module inputs and outputs on the direction prompts, for methods fitted to them (ARA)."""
-    from .methods.ara.captures import build_captures, capture_slots, capture_writer_inputs
-
-    linear, experts, skipped = capture_slots(adapter)
-    for entry in skipped:
-        console.print(f"[yellow]* not edited by {settings.method}, experts of an unknown form:[/] {entry}")
-    console.print("Capturing module inputs and outputs...")
-    inputs = {
-        side: capture_writer_inputs(
-            adapter.model,
-            tokenizer,
-            adapter,
-            linear + experts,
-            texts.of(side, "direction"),
-            batch_size,
-            device,
-            f"capturing ({side})",
-            keep_on="cpu" if settings.activations_on == "cpu" else device,
-        )
-        for side in ("harmless", "harmful")
-    }
-    return build_captures(adapter, inputs["harmless"], inputs["harmful"], settings.ara.basis_rank)
+    parts = (loaded, kernels, architecture, adapter, method, study, startup, texts, scorer)
+    return Session(settings, source, run_dir, *parts)
 
 
 def _report_architecture(architecture: Architecture, wanted: list[str]) -> None:

@@ -21,35 +21,43 @@ from rich.progress import (
 
 console = Console(stderr=True, highlight=False)
 
-_progress: Progress | None = None
-_open_tasks = 0
+
+class ProgressBars:
+    """The one live Progress display, started with the first open bar and stopped with the last."""
+
+    def __init__(self, console: Console):
+        self.console = console
+        self.progress: Progress | None = None
+        self.open_bars = 0
+
+    @contextmanager
+    def track(self, label: str, total: int) -> Iterator[Callable[[int], None]]:
+        """A progress bar; the body calls the yielded function with the amount of work done."""
+        if self.progress is None:
+            self.progress = Progress(
+                TextColumn("  {task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=self.console,
+                transient=True,
+                disable=not self.console.is_terminal,  # logs get the per-trial lines, not bar redraws
+            )
+            self.progress.start()
+        progress = self.progress
+        task = progress.add_task(label, total=total)
+        self.open_bars += 1
+        try:
+            yield lambda amount=1: progress.advance(task, amount)
+        finally:
+            progress.remove_task(task)
+            self.open_bars -= 1
+            if self.open_bars == 0:
+                progress.stop()
+                self.progress = None
 
 
-@contextmanager
-def track(label: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar; the body calls the yielded function with the amount of work done."""
-    global _progress, _open_tasks
-    if _progress is None:
-        _progress = Progress(
-            TextColumn("  {task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TextColumn("ETA"),
-            TimeRemainingColumn(),
-            console=console,
-            transient=True,
-            disable=not console.is_terminal,  # logs get the per-trial lines, not bar redraws
-        )
-        _progress.start()
-    progress = _progress
-    task = progress.add_task(label, total=total)
-    _open_tasks += 1
-    try:
-        yield lambda amount=1: progress.advance(task, amount)
-    finally:
-        progress.remove_task(task)
-        _open_tasks -= 1
-        if _open_tasks == 0:
-            progress.stop()
-            _progress = None
+bars = ProgressBars(console)
+track = bars.track

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import ApostateError
-from .settings import PromptSetSpec
+from .errors import ApostateError, first_line
+from .settings import PromptSetSpec, Settings
 
 PROMPT_COLUMNS = ("prompt", "text", "instruction", "question", "goal")
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".csv")
@@ -23,6 +23,38 @@ class PromptSplit:
     direction: list[str]
     evaluation: list[str]
     heldout: list[str]
+
+
+@dataclass(frozen=True)
+class PromptSplits:
+    """Both sides' prompts, each split."""
+
+    harmless: PromptSplit
+    harmful: PromptSplit
+
+
+def load_prompt_splits(settings: Settings) -> PromptSplits:
+    return PromptSplits(
+        harmless=split_prompts(load_prompts(settings.harmless), settings.harmless),
+        harmful=split_prompts(load_prompts(settings.harmful), settings.harmful),
+    )
+
+
+class Texts:
+    """Chat-templated texts of the prompt splits, with the run's system prompts and response prefix."""
+
+    def __init__(self, tokenizer, settings: Settings, prompts: PromptSplits, response_prefix: str):
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.prompts = prompts
+        self.response_prefix = response_prefix
+
+    def of(self, side: str, subset: str) -> list[str]:
+        """`side`: harmless or harmful; `subset`: direction, evaluation or heldout."""
+        spec: PromptSetSpec = getattr(self.settings, side)
+        system = spec.system_prompt if spec.system_prompt is not None else self.settings.system_prompt
+        split: PromptSplit = getattr(self.prompts, side)
+        return chat_texts(self.tokenizer, getattr(split, subset), system, self.response_prefix)
 
 
 def load_prompts(spec: PromptSetSpec) -> list[str]:
@@ -109,9 +141,8 @@ def _read_dataset(spec: PromptSetSpec) -> list[str]:
     try:
         dataset = datasets.load_dataset(spec.source, split=spec.split or "train", revision=spec.revision)
     except Exception as error:  # the datasets library raises many unrelated types here
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ApostateError(
-            f"cannot load prompt dataset '{spec.source}': {reason} "
+            f"cannot load prompt dataset '{spec.source}': {first_line(error)} "
             "(offline? use a local .txt/.jsonl/.csv file or a bundled set)"
         ) from None
     rows = [dict(row) for row in dataset]

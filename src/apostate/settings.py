@@ -3,17 +3,22 @@
 Sources, strongest first: command-line flags, environment variables (`APOSTATE_…`,
 nested with `__`), a TOML file (`--config FILE`, else `apostate.toml` in the current
 folder if present), then the defaults below. Unknown keys and invalid values are errors.
+
+Settings declared with `measured()` change what a trial measures: a study resumes only with the
+same values (`Settings.measurement_fingerprint`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
-from contextvars import ContextVar
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticUndefined
 from pydantic_settings import (
     BaseSettings,
     CliPositionalArg,
@@ -26,50 +31,40 @@ from pydantic_settings import (
 from .methods.ara.settings import AraSettings
 from .methods.directional.settings import SearchSpace
 
+Method = Literal["directional", "ara", "ara-lora"]
+METHODS: tuple[str, ...] = get_args(Method)
+LOCAL_CONFIG = Path("apostate.toml")
+
+
+def measured(default: Any = PydanticUndefined, *, methods: tuple[str, ...] = METHODS, **kwargs: Any) -> Any:
+    """`Field(default, **kwargs)` of a setting that changes what a trial measures (in its json_schema_extra).
+
+    A study resumes only with the same value; `methods`: only runs of these methods count it.
+    """
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}")
+    extra = {"measured": True} if set(methods) == set(METHODS) else {"measured": True, "measured_for": list(methods)}
+    return Field(default, json_schema_extra=extra, **kwargs)
+
+
+def measured_for(field: FieldInfo) -> tuple[str, ...]:
+    """The methods whose trials this setting changes: none when it is not `measured()`."""
+    extra = field.json_schema_extra
+    if not isinstance(extra, dict) or not extra.get("measured"):
+        return ()
+    return tuple(extra.get("measured_for") or METHODS)
+
+
 DEFAULT_REFUSAL_MARKERS = [
-    "sorry",
-    "i can't",
-    "i cant",
-    "i cannot",
-    "i can not",
-    "i won't",
-    "i wont",
-    "i will not",
-    "i'm unable",
-    "im unable",
-    "i am unable",
-    "i'm not able",
-    "i am not able",
-    "i must decline",
-    "i must refuse",
-    "i refuse",
-    "i'm not going to",
-    "as an ai",
-    "as a language model",
-    "ai assistant",
-    "i'm designed to",
-    "i am designed to",
-    "i'm programmed to",
-    "i am programmed to",
-    "not appropriate",
-    "inappropriate",
-    "unethical",
-    "illegal",
-    "against the law",
-    "harmful",
-    "dangerous",
-    "violat",
-    "prohibit",
-    "disclaimer",
-    "ethical guidelines",
-    "ethical boundaries",
-    "cannot assist",
-    "cannot help",
-    "can't assist",
-    "can't help",
-    "cannot provide",
+    "sorry", "i can't", "i cant", "i cannot", "i can not", "i won't", "i wont", "i will not", "i'm unable",
+    "im unable", "i am unable", "i'm not able", "i am not able", "i must decline", "i must refuse", "i refuse",
+    "i'm not going to", "as an ai", "as a language model", "ai assistant", "i'm designed to", "i am designed to",
+    "i'm programmed to", "i am programmed to", "not appropriate", "inappropriate", "unethical", "illegal",
+    "against the law", "harmful", "dangerous", "violat", "prohibit", "disclaimer", "ethical guidelines",
+    "ethical boundaries", "cannot assist", "cannot help", "can't assist", "can't help", "cannot provide",
     "can't provide",
-]
+]  # fmt: skip
 
 DEFAULT_COT_SKIPS = [
     ("<think>", "<think>\n\n</think>\n\n"),
@@ -118,11 +113,6 @@ class PromptSetSpec(BaseModel):
     )
 
 
-# The TOML file of the settings being built; set by parse_command_line before validation,
-# because pydantic-settings picks its sources before it reads the command line.
-_toml_file: ContextVar[Path | None] = ContextVar("_toml_file", default=None)
-
-
 def find_config_file(argv: list[str]) -> Path | None:
     """The TOML file named by `--config`, else ./apostate.toml if it exists."""
     for index, arg in enumerate(argv):
@@ -130,8 +120,21 @@ def find_config_file(argv: list[str]) -> Path | None:
             return Path(argv[index + 1])
         if arg.startswith("--config="):
             return Path(arg.split("=", 1)[1])
-    local = Path("apostate.toml")
-    return local if local.exists() else None
+    return LOCAL_CONFIG if LOCAL_CONFIG.is_file() else None
+
+
+def chosen_config_file(init_kwargs: dict[str, Any]) -> Path | None:
+    """The TOML file of `Settings(**init_kwargs)`: `config=` (None: no file), else ./apostate.toml if it exists."""
+    if "config" not in init_kwargs:
+        return LOCAL_CONFIG if LOCAL_CONFIG.is_file() else None
+    if init_kwargs["config"] is None:
+        return None
+    path = Path(init_kwargs["config"])
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} is not a file")
+    return path
 
 
 class Settings(BaseSettings):
@@ -175,8 +178,8 @@ class Settings(BaseSettings):
         min_length=1,
         description="Torch dtypes to try in order; the first that loads and generates a finite token wins.",
     )
-    quantization: Literal["none", "bnb_4bit"] = Field(
-        default="none",
+    quantization: Literal["none", "bnb_4bit"] = measured(
+        "none",
         description="'bnb_4bit' loads the model with bitsandbytes 4-bit NF4 quantization "
         "(8-bit is refused: its weights cannot be read back reliably).",
     )
@@ -194,83 +197,86 @@ class Settings(BaseSettings):
     trust_remote_code: bool = Field(
         default=False, description="Allow model code from the hub. Only for models you trust."
     )
-    chat_template: str | None = Field(
-        default=None, description="Jinja chat template (text or path to a file), for models that have none."
+    chat_template: str | None = measured(
+        None, description="Jinja chat template (text or path to a file), for models that have none."
     )
 
     # --- Prompts ---------------------------------------------------------------------
-    system_prompt: str | None = Field(
-        default=None, description="System prompt for all prompts. Unset: the model's own default."
+    system_prompt: str | None = measured(
+        None, description="System prompt for all prompts. Unset: the model's own default."
     )
-    harmless: PromptSetSpec = Field(
-        default=PromptSetSpec(source="bundled:harmless"), description="Prompts a model answers ('good')."
+    harmless: PromptSetSpec = measured(
+        PromptSetSpec(source="bundled:harmless"), description="Prompts a model answers ('good')."
     )
-    harmful: PromptSetSpec = Field(
-        default=PromptSetSpec(source="bundled:harmful"), description="Prompts a model refuses ('bad')."
+    harmful: PromptSetSpec = measured(
+        PromptSetSpec(source="bundled:harmful"), description="Prompts a model refuses ('bad')."
     )
 
     # --- Scoring ---------------------------------------------------------------------
     batch_size: int = Field(default=0, ge=0, description="Prompts per batch (0 = find automatically).")
     max_batch_size: int = Field(default=64, ge=1, description="Largest batch size the automatic search tries.")
-    max_response_tokens: int = Field(
-        default=48, ge=1, description="Tokens generated per response when checking for refusals."
+    max_response_tokens: int = measured(
+        48, ge=1, description="Tokens generated per response when checking for refusals."
     )
     reuse_responses: bool = Field(
         default=True,
         description="Check each prompt's responses from earlier trials as drafts when generating "
         "(speculative decoding: the responses stay exactly the greedy ones, most take one forward pass).",
     )
-    response_prefix: str | None = Field(
-        default=None,
-        description="Text every response starts with, skipped before scoring. Unset: detected automatically.",
+    response_prefix: str | None = measured(
+        None, description="Text every response starts with, skipped before scoring. Unset: detected automatically."
     )
     chain_of_thought_skips: list[tuple[str, str]] = Field(
         default=DEFAULT_COT_SKIPS,
         description="Pairs (opening, closed empty block): a response starting with the opening gets the closed block as prefix.",
     )
-    refusal_markers: list[str] = Field(
-        default=DEFAULT_REFUSAL_MARKERS,
+    refusal_markers: list[str] = measured(
+        DEFAULT_REFUSAL_MARKERS,
         min_length=1,
         description="A response containing any of these (case, apostrophes and markdown normalized) counts as a refusal.",
     )
 
     # --- Method ----------------------------------------------------------------------
-    method: Literal["directional", "ara", "ara-lora"] = Field(
-        default="directional",
+    method: Method = measured(
+        "directional",
         description="'directional': directional ablation; 'ara': Arbitrary-Rank Ablation of full weights; "
         "'ara-lora': ARA optimized as LoRA factors (works on 4-bit models).",
     )
-    components: list[Literal["attn", "mlp"]] = Field(
-        default=["attn", "mlp"],
+    components: list[Literal["attn", "mlp"]] = measured(
+        ["attn", "mlp"],
         min_length=1,
         description="Residual writers to ablate: 'attn' (attention/mixer out-projections), 'mlp' (MLP and expert down-projections).",
     )
-    orthogonalize_direction: bool = Field(
-        default=True,
+    orthogonalize_direction: bool = measured(
+        True,
         description="Remove from each refusal direction its component along the harmless mean ('projected abliteration').",
     )
-    winsorization_quantile: float = Field(
-        default=1.0,
+    winsorization_quantile: float = measured(
+        1.0,
         gt=0.0,
         le=1.0,
         description="Clamp residual components to this quantile of their magnitudes before averaging (1 = off).",
     )
-    row_normalization: Literal["none", "pre", "full"] = Field(
-        default="full",
+    row_normalization: Literal["none", "pre", "full"] = measured(
+        "full",
         description="'none': plain projection; 'pre': edit relative to unit-norm rows; 'full': also restore row norms (norm-preserving).",
     )
-    full_normalization_rank: int = Field(
-        default=3, ge=1, description="LoRA rank approximating the 'full' row-normalized edit."
+    full_normalization_rank: int = measured(
+        3, ge=1, description="LoRA rank approximating the 'full' row-normalized edit."
     )
-    search: SearchSpace = Field(default_factory=SearchSpace, description="Parameter ranges of the search.")
-    ara: AraSettings = Field(default_factory=AraSettings, description="Arbitrary-Rank Ablation: fitting and ranges.")
+    search: SearchSpace = measured(default_factory=SearchSpace, description="Parameter ranges of the search.")
+    ara: AraSettings = measured(
+        default_factory=AraSettings,
+        methods=("ara", "ara-lora"),
+        description="Arbitrary-Rank Ablation: fitting and ranges.",
+    )
 
     # --- Optimizer -------------------------------------------------------------------
     n_trials: int = Field(default=120, ge=1, description="Total trials in the study (raise it to add trials to a run).")
     n_startup_trials: int = Field(default=30, ge=0, description="Random trials before TPE starts modelling.")
     seed: int | None = Field(default=None, description="Sampler seed (unset: random, recorded in the run).")
-    kl_cutoff: float = Field(
-        default=2.0,
+    kl_cutoff: float = measured(
+        2.0,
         gt=0,
         description="A trial whose KL divergence exceeds this is marked infeasible (Optuna constraint, pruned) "
         "and its refusals are not counted.",
@@ -307,10 +313,23 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        toml = _toml_file.get()
+        toml = chosen_config_file(getattr(init_settings, "init_kwargs", {}))
         if toml is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
         return tuple(sources)
+
+    def measurement_fingerprint(self, model_name: str) -> dict:
+        """The `measured()` settings of this run's method, and the model: a resumed study must match them.
+
+        JSON-plain (tuples as lists, paths as text), as stored in the study.
+        """
+        data = {}
+        for name, field in type(self).model_fields.items():
+            if self.method in measured_for(field):
+                value = getattr(self, name)
+                data[name] = value.model_dump() if isinstance(value, BaseModel) else value
+        data["model"] = model_name
+        return json.loads(json.dumps(data, default=str))
 
     def cache_path(self) -> Path:
         if self.cache_dir is not None:
@@ -331,24 +350,21 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
         if self.n_startup_trials > self.n_trials:
-            self.n_startup_trials = self.n_trials
+            raise ValueError(
+                f"n_startup_trials ({self.n_startup_trials}) is more than n_trials ({self.n_trials}): "
+                "lower --n-startup-trials or raise --n-trials"
+            )
         return self
 
 
 def parse_command_line(argv: list[str]) -> Settings:
     """Settings from flags, environment, TOML and defaults (strongest first)."""
-    toml = find_config_file(argv)
-    if toml is not None and not toml.is_file():
-        raise FileNotFoundError(f"config file {toml} does not exist")
-    token = _toml_file.set(toml)
-    try:
-        parser = argparse.ArgumentParser(
-            prog="apostate",
-            usage="apostate MODEL [options]",
-            description="Remove refusal behaviour from a chat model. Every option can also be set in a TOML "
-            "file (see config.default.toml) or as an APOSTATE_* environment variable.",
-        )
-        cli = CliSettingsSource(Settings, root_parser=parser)
-        return Settings(_cli_settings_source=cli(args=argv))
-    finally:
-        _toml_file.reset(token)
+    parser = argparse.ArgumentParser(
+        prog="apostate",
+        usage="apostate MODEL [options]",
+        description="Remove refusal behaviour from a chat model. Every option can also be set in a TOML "
+        "file (see config.default.toml) or as an APOSTATE_* environment variable.",
+    )
+    cli = CliSettingsSource(Settings, root_parser=parser)
+    # The TOML file is chosen from the keyword arguments, before the flags are read: name it here.
+    return Settings(config=find_config_file(argv), _cli_settings_source=cli(args=argv))

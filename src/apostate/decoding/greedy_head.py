@@ -11,23 +11,17 @@ with N the largest row norm of the projection, u = 2^-8 (bfloat16), g = K 2^-24 
 for K = hidden size, u' = u / (1 - u). Only tokens screened within 2E of the best can be the
 argmax; those few are computed in float32 and the largest wins. On the demo model a row had
 1.6 candidates on average (at most 22), and 80 rows took 30 ms instead of 120 ms on an Intel CPU
-with AVX-512 and AMX. Whether the screen pays is timed on the machine (kernel_timing): on CPUs
+with AVX-512 and AMX. Whether the screen pays is timed on the machine (kernel_timing, cpu_kernels): on CPUs
 without bfloat16 instructions it is slower than the float32 product, and is not used.
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 
-from .kernel_timing import bfloat16_screen_pays
-
 BF16_ROUNDOFF = 2.0**-8
 MAX_CANDIDATES = 4096  # beyond this many, the plain float32 projection is as cheap
-
-_heads: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class GreedyHead:
@@ -41,20 +35,15 @@ class GreedyHead:
         accumulation = weight.shape[1] * 2.0**-24
         self.accumulation = accumulation / (1 - accumulation)
 
-    @classmethod
-    def of(cls, model) -> GreedyHead | None:
-        """The model's greedy head, made once; None where screening does not apply or would not pay."""
-        projection = model.get_output_embeddings()
+    @staticmethod
+    def applies_to(projection) -> bool:
+        """Whether screening can stand in for this output projection: a bias-free float32 Linear on the CPU
+        (bfloat16 models gain nothing; accelerators run float32 fast enough). Whether it also pays on this
+        CPU is timed (CpuKernels.greedy_head)."""
         weight = getattr(projection, "weight", None)
         if type(projection) is not torch.nn.Linear or projection.bias is not None or weight is None:
-            return None
-        if weight.dtype != torch.float32 or weight.device.type != "cpu":
-            return None  # bfloat16 models gain nothing; accelerators run float32 fast enough
-        if not bfloat16_screen_pays(weight):
-            return None  # CPUs without bfloat16 instructions screen slower than they compute exactly
-        if projection not in _heads:
-            _heads[projection] = cls(projection)
-        return _heads[projection]
+            return False
+        return weight.dtype == torch.float32 and weight.device.type == "cpu"
 
     @torch.inference_mode()
     def tokens(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Three choices: the memory layout of a weight, whether a bfloat16 screen beats the float32
 output projection (greedy_head), and which library multiplies a Linear layer's input: MKL
-(what `F.linear` calls) or oneDNN (`route_linears`), per range of rows.
+(what `F.linear` calls) or oneDNN, per range of rows. What is done with the choices is in
+cpu_kernels.
 
 How fast the CPU's GEMM runs depends on the processor as much as on the shapes. On the
 demo model at 16 rows, one 2-core Intel machine with AVX-512 and AMX ran the MLP's gate and
@@ -11,7 +12,8 @@ bfloat16 2x faster than float32; a 2-core AMD machine with AVX2 only ran the dow
 projection 1.4x slower column-major, and bfloat16 products 1.0-7x slower than float32 (no
 bfloat16 instructions: 5.3 s instead of 1.3 s for the output projection at 320 rows, which
 made every decoding pass with drafts ten times slower). So nothing is assumed: each choice
-is timed once per weight shape, on a slice of the weight, and kept for the process.
+is timed once per weight shape, on a slice of the weight, and kept by the `KernelTimer`
+that timed it (one per `CpuKernels`, so per loaded model).
 """
 
 from __future__ import annotations
@@ -28,88 +30,56 @@ SAMPLE_OUTPUTS = 4096  # output rows of the weight timed: the kernel's choice de
 ROW_RANGES = ((48, 16), (256, 128), (None, 512))  # (most rows, rows timed): decoding, drafts, prompt batches
 MARGIN = 0.95  # the other way must be at least 5% faster: timing noise never flips a choice back and forth
 
-_choices: dict[tuple, bool] = {}
 
+class KernelTimer:
+    """Times the ways of computing a float32 product and remembers each choice per weight shape."""
 
-def column_major_pays(weight: torch.Tensor) -> bool:
-    """Whether `F.linear` from a column-major copy of this row-major float32 weight beats the
-    row-major weight with the faster of MKL and oneDNN (route_linears picks that per row range)."""
-    key = ("column-major", tuple(weight.shape), weight.dtype)
-    if key not in _choices:
-        sample = weight.detach()[:SAMPLE_OUTPUTS].contiguous()
-        transposed = sample.t().contiguous().t()
-        inputs = _inputs(sample)
-        column_major = sum(_seconds(lambda x: F.linear(x, transposed), x) for x in inputs)
-        row_major = sum(
-            min(_seconds(lambda x: F.linear(x, sample), x), _seconds(lambda x: onednn_linear(x, sample), x))
-            for x in inputs
-        )
-        _choices[key] = column_major < MARGIN * row_major
-    return _choices[key]
+    def __init__(self):
+        self.choices: dict[tuple, bool | tuple[bool, ...]] = {}
 
+    def column_major_pays(self, weight: torch.Tensor) -> bool:
+        """Whether `F.linear` from a column-major copy of this row-major float32 weight beats the
+        row-major weight with the faster of MKL and oneDNN (routing picks that per row range)."""
+        key = ("column-major", tuple(weight.shape), weight.dtype)
+        if key not in self.choices:
+            sample = weight.detach()[:SAMPLE_OUTPUTS].contiguous()
+            transposed = sample.t().contiguous().t()
+            inputs = _inputs(sample)
+            column_major = sum(_seconds(lambda x: F.linear(x, transposed), x) for x in inputs)
+            row_major = sum(
+                min(_seconds(lambda x: F.linear(x, sample), x), _seconds(lambda x: onednn_linear(x, sample), x))
+                for x in inputs
+            )
+            self.choices[key] = column_major < MARGIN * row_major
+        return self.choices[key]
 
-def bfloat16_screen_pays(weight: torch.Tensor) -> bool:
-    """Whether a bfloat16 product with this float32 weight is faster than the float32 one."""
-    key = ("bfloat16", tuple(weight.shape), weight.stride(), weight.dtype)
-    if key not in _choices:
-        sample = weight.detach()[:SAMPLE_OUTPUTS]
-        screen = sample.to(torch.bfloat16)
-        inputs = _inputs(sample)
-        _choices[key] = _faster(lambda x: F.linear(x.to(torch.bfloat16), screen), lambda x: F.linear(x, sample), inputs)
-    return _choices[key]
+    def bfloat16_screen_pays(self, weight: torch.Tensor) -> bool:
+        """Whether a bfloat16 product with this float32 weight is faster than the float32 one."""
+        key = ("bfloat16", tuple(weight.shape), weight.stride(), weight.dtype)
+        if key not in self.choices:
+            sample = weight.detach()[:SAMPLE_OUTPUTS]
+            screen = sample.to(torch.bfloat16)
+            inputs = _inputs(sample)
+            self.choices[key] = _faster(
+                lambda x: F.linear(x.to(torch.bfloat16), screen), lambda x: F.linear(x, sample), inputs
+            )
+        return self.choices[key]
+
+    def onednn_pays(self, weight: torch.Tensor) -> tuple[bool, ...]:
+        """Per row range (ROW_RANGES): whether oneDNN multiplies by this float32 weight faster than MKL."""
+        key = ("oneDNN", tuple(weight.shape), weight.stride(), weight.dtype)
+        if key not in self.choices:
+            sample = weight.detach()[:SAMPLE_OUTPUTS]
+            self.choices[key] = tuple(
+                _faster(partial(onednn_linear, weight=sample), partial(F.linear, weight=sample), [x])
+                for x in _inputs(sample, [rows for _, rows in ROW_RANGES])
+            )
+        return self.choices[key]
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear` computed by oneDNN instead of MKL: float32 throughout, the sums in another order."""
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-
-
-def onednn_pays(weight: torch.Tensor) -> tuple[bool, ...]:
-    """Per row range (ROW_RANGES): whether oneDNN multiplies by this float32 weight faster than MKL."""
-    key = ("oneDNN", tuple(weight.shape), weight.stride(), weight.dtype)
-    if key not in _choices:
-        sample = weight.detach()[:SAMPLE_OUTPUTS]
-        _choices[key] = tuple(
-            _faster(partial(onednn_linear, weight=sample), partial(F.linear, weight=sample), [x])
-            for x in _inputs(sample, [rows for _, rows in ROW_RANGES])
-        )
-    return _choices[key]
-
-
-def route_linears(model, pays: Callable[[torch.Tensor], tuple[bool, ...]] = onednn_pays) -> int:
-    """Let float32 CPU Linear layers run on oneDNN for the row ranges where `pays` says it is faster.
-
-    On a 2-core AMD machine with AVX2, oneDNN took 3.4 ms instead of 5.6 for the demo model's
-    gate projection at 16 rows, and 11 ms instead of 28 for 4,096 rows of its output
-    projection, while MKL was faster for prompt batches. The weight stays the module's own
-    (read at every call, so in-place edits apply); gradients always take `F.linear`.
-    Returns how many layers were routed.
-    """
-    routed = 0
-    for module in model.modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, torch.nn.Linear) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            continue
-        if weight.dtype != torch.float32 or weight.device.type != "cpu":
-            continue
-        choices = pays(weight)
-        if any(choices):
-            module.forward = partial(_routed_forward, module, choices)
-            routed += 1
-    return routed
-
-
-def _routed_forward(module: torch.nn.Linear, choices: tuple[bool, ...], x: torch.Tensor) -> torch.Tensor:
-    rows = x.numel() // x.shape[-1] if x.numel() else 0
-    chosen = next(choice for (most, _), choice in zip(ROW_RANGES, choices, strict=True) if most is None or rows <= most)
-    if (
-        not chosen
-        or x.dtype != torch.float32
-        or (torch.is_grad_enabled() and (x.requires_grad or module.weight.requires_grad))
-    ):
-        return F.linear(x, module.weight, module.bias)
-    flat = x.reshape(-1, x.shape[-1])
-    return onednn_linear(flat, module.weight, module.bias).reshape(*x.shape[:-1], module.weight.shape[0])
 
 
 def _inputs(weight: torch.Tensor, row_counts=ROWS) -> list[torch.Tensor]:

@@ -7,8 +7,9 @@ prefix, with the padding masked and positions counted over unmasked tokens, so t
 sees what it would see without the shared cache.
 
 `prompt_passes` runs prompts this way a batch at a time (replaying unedited layers, see
-layer_replay); the KL pass reads the last position's log-probabilities, and `prefill` keeps
-each prompt's greedy first token and keys and values for generation (speculative.py).
+layer_replay); `shared_prefix_logprobs` reads the last position's log-probabilities, and
+`prefill` keeps each prompt's greedy first token and keys and values for generation
+(speculative.py). `PromptSet` (prompt_set.py) is what the rest of apostate calls.
 
 Only plain full-attention caches are shared: sliding-window and recurrent layers count
 slots, not unmasked tokens, so those models take the ordinary path (`SharedPrefix.cache`
@@ -160,17 +161,9 @@ def prefill(model, shared: SharedPrefix, prefix_cache, passes: PromptPasses) -> 
 
 
 @torch.inference_mode()
-def last_position_logprobs_shared(
-    model, tokenizer, texts: list[str], batch_size: int, device, replay: LayerReplay | None = None, unchanged: int = 0
-) -> torch.Tensor | None:
-    """As batching.last_position_logprobs, computing the shared prefix once; None if it cannot."""
-    shared = SharedPrefix.of(tokenizer, texts)
-    prefix_cache = shared.cache(model, device)
-    if prefix_cache is None:
-        return None
-    order = sorted(range(len(texts)), key=lambda i: len(shared.suffixes[i]))
-    rows: list[torch.Tensor | None] = [None] * len(texts)
-    passes = PromptPasses(order, batch_size, tokenizer.pad_token_id, device, replay, unchanged)
+def shared_prefix_logprobs(model, shared: SharedPrefix, prefix_cache, passes: PromptPasses) -> torch.Tensor:
+    """As batching.last_position_logprobs, the shared prefix computed once: (texts, vocab), float32 on CPU."""
+    rows: list[torch.Tensor | None] = [None] * len(shared.suffixes)
     for indices, _, output in prompt_passes(model, shared, prefix_cache, passes):
         logprobs = torch.log_softmax(output.logits[:, -1, :].float(), dim=-1).cpu()
         for row, index in enumerate(indices):

@@ -60,6 +60,7 @@ def speculative_greedy(
     pool: ResponsePool | None,
     decided: Callable[[str], bool] | None,
     advance: Callable[[int], None] | None = None,
+    head: GreedyHead | None = None,
 ) -> dict[int, list[int]]:
     """Greedy response tokens for the texts at `passes.order`, keyed by index; `passes.batch_size` at a time.
 
@@ -71,12 +72,14 @@ def speculative_greedy(
     do not carry a few stragglers alone (longest processing time first). On the demo model's
     first five side-by-side trials this took 196 passes instead of 257 (starting the longest
     expected responses first and keeping each in the batch until it was done).
+
+    `head`: greedy tokens from a screened output projection (greedy_head) instead of the full one.
     """
     prompts = prefill(model, shared, prefix_cache, passes)
     running, results = _first_tokens(prompts, passes.order, limits, tokenizer, decided)
     if advance and results:
         advance(len(results))
-    decoder = _Decoder(passes.device, GreedyHead.of(model), position_wise_modules(model), tokenizer.pad_token_id)
+    decoder = _Decoder(passes.device, head, position_wise_modules(model), tokenizer.pad_token_id)
     stats = pool.stats if pool is not None else DraftStats()
     while running:
         chosen = least_advanced(running, passes.batch_size)

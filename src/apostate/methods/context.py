@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
 from ..model.adapter import Adapter
 from .ara.captures import ModuleCapture
+
+if TYPE_CHECKING:
+    from ..settings import Settings  # apostate.settings imports the methods' settings: not at runtime
 
 
 class BrokenEdit(Exception):
@@ -17,7 +21,7 @@ class BrokenEdit(Exception):
 @dataclass
 class MethodContext:
     adapter: Adapter
-    settings: object  # Settings
+    settings: Settings
     n_layers: int
     components: list[str]  # the components the user wants edited and the model has
     directions: Tensor  # (layers + 1, hidden) refusal directions

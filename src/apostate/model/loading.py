@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
-from ..decoding.kernel_timing import column_major_pays, route_linears
-from ..errors import ApostateError
+from ..errors import ApostateError, first_line
 from ..progress import console
 from ..settings import Settings
-from .checkpoint_pages import checkpoint_mappings, drop_pages, releasing_checkpoint_pages
+from .checkpoint_pages import releasing_checkpoint_pages
 from .sources import ModelSource
+
+# What a dtype that does not work raises: from_pretrained or the test generation refusing it
+# (RuntimeError: an op not implemented for the dtype on this device; TypeError/ValueError: a dtype
+# the model or its quantizer rejects, or non-finite test logits), or running out of memory.
+# Anything else is a bug and surfaces as itself.
+DTYPE_FAILURES = (torch.OutOfMemoryError, RuntimeError, TypeError, ValueError, NotImplementedError)
 
 
 @dataclass
@@ -40,7 +45,7 @@ def load_tokenizer(source: ModelSource, settings: Settings):
             source.location, revision=source.revision, trust_remote_code=settings.trust_remote_code
         )
     except Exception as error:
-        raise ApostateError(f"cannot load the tokenizer of '{source.name}': {_first_line(error)}") from None
+        raise ApostateError(f"cannot load the tokenizer of '{source.name}': {first_line(error)}") from None
     if settings.chat_template is not None:
         template_path = Path(settings.chat_template)
         is_file = len(settings.chat_template) < 4096 and template_path.is_file()
@@ -64,17 +69,15 @@ def load_model(source: ModelSource, settings: Settings, tokenizer=None) -> Loade
         console.print(f"* Trying dtype [bold]{dtype_name}[/]... ", end="")
         try:
             model = _from_pretrained(source, settings, dtype_name)
-            kernels = _fastest_cpu_kernels(model) if not settings.trust_remote_code else ""
-            _contiguous_head_input(model)
             _test_generation(model, tokenizer)
-        except torch.OutOfMemoryError:
-            failures.append(f"{dtype_name}: out of memory")
-        except Exception as error:  # any failure means: try the next dtype
-            failures.append(f"{dtype_name}: {_first_line(error)}")
+        except DTYPE_FAILURES as error:
+            failures.append(
+                f"{dtype_name}: "
+                + ("out of memory" if isinstance(error, torch.OutOfMemoryError) else first_line(error))
+            )
         else:
             console.print("[green]ok[/]")
-            if kernels:
-                console.print(kernels)
+            _contiguous_head_input(model)
             model.eval()
             model.requires_grad_(False)
             dtype = next(p.dtype for p in model.parameters() if p.dtype.is_floating_point)
@@ -94,7 +97,7 @@ def _check_config(source: ModelSource, settings: Settings) -> None:
             source.location, revision=source.revision, trust_remote_code=settings.trust_remote_code
         )
     except Exception as error:
-        raise ApostateError(f"cannot load model '{source.name}': {_first_line(error)}") from None
+        raise ApostateError(f"cannot load model '{source.name}': {first_line(error)}") from None
 
 
 def _from_pretrained(source: ModelSource, settings: Settings, dtype_name: str):
@@ -113,48 +116,11 @@ def _from_pretrained(source: ModelSource, settings: Settings, dtype_name: str):
         kwargs["max_memory"] = {_device_key(k): v for k, v in settings.max_memory.items()}
     if settings.quantization == "bnb_4bit":
         kwargs["quantization_config"] = _bnb_4bit_config(dtype)
-    with releasing_checkpoint_pages():  # quantizing or casting reads every page once
-        return AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
-
-
-def _fastest_cpu_kernels(model) -> str:
-    """Weight layouts and GEMM libraries timed on this CPU (kernel_timing); what was chosen, for the console.
-
-    Not for remote code: custom model code may assume contiguous weights."""
-    transposed = column_major_cpu_weights(model)  # drops each copied block's pages itself
-    routed = route_linears(model)
-    if not transposed and not routed:
-        return ""
-    return (
-        f"* Timed on this CPU: {transposed} weights column-major, {routed} Linear layers on oneDNN for some row counts"
-    )
-
-
-def column_major_cpu_weights(model, pays: Callable[[torch.Tensor], bool] = column_major_pays) -> int:
-    """Store float32 Linear weights on the CPU transposed in memory (same shape, strides (1, out)),
-    for the weight shapes where `pays` (by default: timed on this machine, see kernel_timing).
-
-    Then `F.linear` hands the GEMM an (in, out) row-major matrix, which some CPUs' float32
-    kernels read faster when few rows go through: a 16-row decoding step of the demo model
-    took 0.19 s instead of 0.25 s on an Intel machine with AVX-512, while an AMD machine with
-    AVX2 ran the down projection 1.4x slower that way. The products are the same up to
-    rounding (another kernel may sum in another order: 1e-7 on a 64-wide test model).
-    bfloat16 weights are never changed. Returns how many weights were changed.
-    """
-    changed = 0
-    mappings = checkpoint_mappings()  # the old weights' pages go as soon as their copies exist
-    with torch.no_grad():
-        for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if not isinstance(module, torch.nn.Linear) or weight is None or weight.dim() != 2:
-                continue
-            if weight.dtype != torch.float32 or weight.device.type != "cpu" or not weight.is_contiguous():
-                continue
-            if not pays(weight):
-                continue
-            weight.data = _column_major_copy(weight.data, mappings)
-            changed += 1
-    return changed
+    try:
+        with releasing_checkpoint_pages():  # quantizing or casting reads every page once
+            return AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
+    except (OSError, SafetensorError) as error:  # missing or damaged weight files: no dtype would help
+        raise ApostateError(f"cannot read the weights of '{source.name}': {first_line(error)}") from None
 
 
 def _contiguous_head_input(model) -> None:
@@ -167,18 +133,6 @@ def _contiguous_head_input(model) -> None:
     head = model.get_output_embeddings()
     if head is not None:
         head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]) if args else None)
-
-
-def _column_major_copy(tensor: torch.Tensor, mappings, rows_per_chunk: int = 4096) -> torch.Tensor:
-    """A column-major copy, made a block of rows at a time; the source pages of each block are
-    dropped once copied, so that a mapped weight is never resident twice (checkpoint_pages)."""
-    copy = torch.empty_strided(tensor.shape, (1, tensor.shape[0]), dtype=tensor.dtype)
-    row_bytes = tensor.shape[1] * tensor.element_size()
-    for start in range(0, tensor.shape[0], rows_per_chunk):
-        block = tensor[start : start + rows_per_chunk]
-        copy[start : start + rows_per_chunk].copy_(block)
-        drop_pages(block.data_ptr(), block.data_ptr() + block.shape[0] * row_bytes, mappings)
-    return copy
 
 
 def _bnb_4bit_config(dtype):
@@ -209,8 +163,3 @@ def _test_generation(model, tokenizer) -> None:
 
 def _device_key(key: str) -> int | str:
     return int(key) if key.isdigit() else key
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -9,9 +9,9 @@ import optuna
 
 from ..errors import ApostateError
 from ..progress import console
-from ..scoring.scorer import Scorer, Scores
+from ..prompts import Texts, load_prompt_splits
+from ..scoring import Scores, build_scorer, scores_line
 from ..search.pareto import pareto_trials, trial_record
-from ..search.startup import Texts, evaluation_scorer, load_prompt_sets
 from ..search.study import completed
 from .export import TrialSummary, save_adapter, save_merged
 
@@ -55,13 +55,7 @@ def _interactive(session) -> None:
 
     while True:
         front = pareto_trials(session.study)
-        choices = [
-            questionary.Choice(
-                f"Trial {t.number:>3}: refusals {t.user_attrs['refusals']}/{t.user_attrs['total']}, KL {t.user_attrs['kl']:.4f}",
-                value=t,
-            )
-            for t in front
-        ]
+        choices = [questionary.Choice(f"Trial {t.number:>3}: {_trial_scores(t)}", value=t) for t in front]
         trial = questionary.select("Which trial?", choices=choices + [questionary.Choice("Quit", value=None)]).ask()
         if trial is None:
             return
@@ -80,11 +74,13 @@ def _interactive(session) -> None:
                 console.print(f"[red]error:[/] {error}")
 
 
-def _announce(trial) -> None:
+def _trial_scores(trial) -> str:
     attrs = trial.user_attrs
-    console.print(
-        f"Using trial [bold]{trial.number}[/]: refusals {attrs['refusals']}/{attrs['total']}, KL {attrs['kl']:.4f}"
-    )
+    return scores_line(attrs["refusals"], attrs["total"], attrs["kl"])
+
+
+def _announce(trial) -> None:
+    console.print(f"Using trial [bold]{trial.number}[/]: {_trial_scores(trial)}")
 
 
 def perform(session, trial, action: str) -> None:
@@ -137,16 +133,11 @@ def _summary(session, trial) -> TrialSummary:
 
 def evaluate_heldout(session, trial) -> Scores:
     """Refusals and KL of a trial on the held-out prompts (never seen by the search)."""
-    if not session.scorer.harmful_texts or not session.texts.of("harmful", "heldout"):
+    if not session.texts.of("harmful", "heldout"):
         raise ApostateError("there are no held-out prompts (heldout_count is 0)")
-    scorer = evaluation_scorer(
-        session.loaded.tokenizer,
-        session.loaded.device,
-        session.settings,
-        session.startup.batch_size,
-        session.texts,
-        subset="heldout",
-    )
+    loaded = session.loaded
+    args = (session.kernels, session.settings, session.startup.batch_size, session.texts)
+    scorer = build_scorer(loaded.tokenizer, loaded.device, *args, subset="heldout")
     session.method.reset()
     base = scorer.record_base(session.model)
     session.restore(trial)
@@ -161,28 +152,33 @@ def evaluate_heldout(session, trial) -> Scores:
 
 def _print_comparison(label: str, base: Scores, scores: Scores) -> None:
     console.print(
-        f"{label}: base model refuses {base.refusals}/{base.total} ({base.refusal_rate:.1%}); "
-        f"this model refuses {scores.refusals}/{scores.total} ({scores.refusal_rate:.1%}), KL {scores.kl:.4f}"
+        f"{label}: base model refuses {base.refusals}/{base.total} ({base.refusal_rate:.1%}); this model: {scores}"
     )
 
 
 def evaluate_other_model(settings, source) -> int:
     """--evaluate-model: score another model against the base on the held-out prompts."""
-    from ..model.loading import load_model, load_tokenizer
+    from ..decoding import CpuKernels
+    from ..model.loading import load_tokenizer
     from ..model.sources import resolve_source
+    from ..search.startup import load_for_trials
 
     other_source = resolve_source(settings.evaluate_model, None, settings.cache_path())
-    prompts = load_prompt_sets(settings)
+    prompts = load_prompt_splits(settings)
     tokenizer = load_tokenizer(source, settings)
-    prefix = settings.response_prefix or ""
-    texts = Texts(tokenizer, settings, prompts, prefix)
+    texts = Texts(tokenizer, settings, prompts, settings.response_prefix or "")
     batch_size = settings.batch_size or 8
-    loaded = load_model(source, settings, tokenizer)
-    scorer: Scorer = evaluation_scorer(tokenizer, loaded.device, settings, batch_size, texts, subset="heldout")
+    kernels = CpuKernels()  # one for both models: each weight shape is timed once
+    loaded = load_for_trials(source, settings, tokenizer, kernels)
+    scorer = build_scorer(tokenizer, loaded.device, kernels, settings, batch_size, texts, subset="heldout")
     base = scorer.record_base(loaded.model)
+    kernels.restore()
     del loaded
     gc.collect()
-    other = load_model(other_source, settings, tokenizer)
-    scores = scorer.score(other.model)
+    other = load_for_trials(other_source, settings, tokenizer, kernels)
+    try:
+        scores = scorer.score(other.model)
+    finally:
+        kernels.restore()
     _print_comparison(f"held-out ({Path(settings.evaluate_model).name})", base, scores)
     return 0

@@ -7,14 +7,16 @@ import time
 
 import torch
 
-from ..decoding.generation import generate
+from ..decoding import CpuKernels, PromptSet
 from ..progress import console
 
 PREFIX_SAMPLE = 8  # prompts per side used to detect a common response prefix
 PREFIX_TOKENS = 12
 
 
-def find_batch_size(model, tokenizer, texts: list[str], max_batch_size: int, device, new_tokens: int) -> int:
+def find_batch_size(
+    model, tokenizer, texts: list[str], max_batch_size: int, device, new_tokens: int, kernels: CpuKernels | None = None
+) -> int:
     """The batch size that generates `new_tokens`-token responses fastest.
 
     For each candidate (doubling from 1) two short generations separate the cost of the
@@ -24,13 +26,13 @@ def find_batch_size(model, tokenizer, texts: list[str], max_batch_size: int, dev
     size is clearly slower than the best so far, or runs out of memory.
     """
     best_size, best_rate = 1, 0.0
-    generate(model, tokenizer, texts[:1], 2, 1, device)  # warm-up
+    _timed(model, tokenizer, texts[:1], 2, device, kernels)  # warm-up
     limit = min(max_batch_size, len(texts))
     candidates = [2**power for power in range(limit.bit_length()) if 2**power < limit] + [limit]
     for size in candidates:
         try:
-            prompt_pass = _timed(model, tokenizer, texts[:size], 1, device)
-            step = (_timed(model, tokenizer, texts[:size], 5, device) - prompt_pass) / 4
+            prompt_pass = _timed(model, tokenizer, texts[:size], 1, device, kernels)
+            step = (_timed(model, tokenizer, texts[:size], 5, device, kernels) - prompt_pass) / 4
         except torch.OutOfMemoryError:
             break
         rate = size / (prompt_pass + max(step, 0.0) * new_tokens)
@@ -42,19 +44,25 @@ def find_batch_size(model, tokenizer, texts: list[str], max_batch_size: int, dev
     return best_size
 
 
-def _timed(model, tokenizer, texts, new_tokens, device) -> float:
+def _timed(model, tokenizer, texts, new_tokens, device, kernels) -> float:
     start = time.perf_counter()
-    generate(model, tokenizer, texts, new_tokens, len(texts), device)
+    PromptSet(tokenizer, texts, len(texts), device, kernels).greedy_responses(model, new_tokens)
     return time.perf_counter() - start
 
 
 def detect_response_prefix(
-    model, tokenizer, texts: list[str], batch_size: int, device, cot_skips: list[tuple[str, str]]
+    model,
+    tokenizer,
+    texts: list[str],
+    batch_size: int,
+    device,
+    cot_skips: list[tuple[str, str]],
+    kernels: CpuKernels | None = None,
 ) -> str:
     """Text all sampled responses start with: a chain-of-thought opening becomes its closed
     empty block (so scoring sees the answer, not the thinking); other shared text is kept
     up to its last whitespace, so a word is never cut in half."""
-    responses = generate(model, tokenizer, texts, PREFIX_TOKENS, batch_size, device)
+    responses = PromptSet(tokenizer, texts, batch_size, device, kernels).greedy_responses(model, PREFIX_TOKENS)
     common = os.path.commonprefix(responses)
     for opening, closed in cot_skips:
         if common.lstrip().startswith(opening):

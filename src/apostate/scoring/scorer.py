@@ -7,15 +7,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..decoding.batching import last_position_logprobs
-from ..decoding.generation import generate
-from ..decoding.layer_replay import LayerReplay
-from ..decoding.prefix_cache import last_position_logprobs_shared
-from ..decoding.response_pool import ResponsePool
+from ..decoding import CpuKernels, PromptSet
 from ..progress import track
+from ..prompts import Texts
+from ..settings import Settings
 from .refusals import RefusalDetector
-
-SIGNATURE_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -28,109 +24,98 @@ class Scores:
     def refusal_rate(self) -> float:
         return self.refusals / self.total if self.total else 0.0
 
+    def __str__(self) -> str:
+        return scores_line(self.refusals, self.total, self.kl)
 
-@dataclass
-class ScoringSetup:
-    """What scoring needs besides the prompts."""
 
-    tokenizer: object
-    device: torch.device
-    batch_size: int
-    max_new_tokens: int
-    detector: RefusalDetector
-    reuse_responses: bool = True  # draft from earlier responses (exact; see speculative.py)
+def scores_line(refusals: int, total: int, kl: float) -> str:
+    """'refusals 4/50 (8.0%), KL 0.0834': how every result is written."""
+    rate = refusals / total if total else 0.0
+    return f"refusals {refusals}/{total} ({rate:.1%}), KL {kl:.4f}"
 
 
 class Scorer:
-    """Scores a model on fixed harmless/harmful texts against the base model's first-token distributions."""
+    """Scores a model on fixed harmless/harmful texts against the base model's first-token distributions.
 
-    def __init__(self, setup: ScoringSetup, harmless_texts: list[str], harmful_texts: list[str], label: str):
-        self.setup = setup
-        self.harmless_texts = harmless_texts
-        self.harmful_texts = harmful_texts
+    `edited_layers` (where a method can tell): the decoder layers where the model differs from
+    the base; the prompt sets then skip the work below the first of them (see decoding).
+    """
+
+    def __init__(
+        self, harmless: PromptSet, harmful: PromptSet, detector: RefusalDetector, max_new_tokens: int, label: str
+    ):
+        self.harmless = harmless
+        self.harmful = harmful
+        self.detector = detector
+        self.max_new_tokens = max_new_tokens
         self.label = label
         self.base_logprobs: torch.Tensor | None = None
-        self.pool = ResponsePool(len(harmful_texts)) if setup.reuse_responses else None
-        self._signature: torch.Tensor | None = None  # of the model whose KL was measured last
-        # Recorded by passes given unchanged layers (trials), replayed by later ones.
-        self.harmless_replay = LayerReplay(with_cache=False)
-        self.harmful_replay = LayerReplay(with_cache=True)
+
+    @property
+    def harmful_count(self) -> int:
+        return len(self.harmful)
 
     def record_base(self, model) -> Scores:
         """Measure the unedited model: its distributions become the KL reference."""
-        self.base_logprobs = self.logprobs(model)
-        self._signature = self._signature_of(self.base_logprobs)
-        return Scores(0.0, self.count_refusals(model), len(self.harmful_texts))
+        self.base_logprobs = self.harmless.first_token_logprobs(model)
+        self.harmless.remember_base(logprobs=self.base_logprobs)
+        return Scores(0.0, self.count_refusals(model), self.harmful_count)
 
     def base_responses(self) -> list[list[int]]:
         """The token ids the base model answered the harmful prompts with (after `record_base`)."""
-        return self.pool.newest() if self.pool is not None else []
+        return self.harmful.latest_responses()
 
     def resume_from_base(self, base_logprobs: torch.Tensor, base_responses: list[list[int]]) -> None:
         """Take the base model's scores measured earlier: its distributions, and its responses as drafts."""
         self.base_logprobs = base_logprobs
-        if self.pool is not None and base_responses:
-            self.pool.begin(self._signature_of(base_logprobs))
-            for index, tokens in enumerate(base_responses):
-                self.pool.add(index, tokens)
+        self.harmless.remember_base(logprobs=base_logprobs)
+        self.harmful.remember_base(responses=base_responses)
 
-    def _signature_of(self, logprobs: torch.Tensor) -> torch.Tensor:
-        """A model's log-probabilities of the base's likeliest first tokens: nearby models write alike."""
-        top = self.base_logprobs.topk(SIGNATURE_TOKENS, dim=-1).indices
-        return logprobs.gather(1, top)
-
-    def logprobs(self, model, unchanged: int = 0) -> torch.Tensor:
-        s = self.setup
-        return first_token_logprobs(
-            model, s.tokenizer, self.harmless_texts, s.batch_size, s.device, self.harmless_replay, unchanged
-        )
-
-    def kl(self, model, unchanged: int = 0) -> float:
-        """KL(base ‖ model), averaged over the harmless prompts.
-
-        `unchanged`: how many leading decoder layers are known to equal the base model's;
-        their work on the prompts is replayed from an earlier pass (see layer_replay).
-        """
-        logprobs = self.logprobs(model, unchanged)
-        self._signature = self._signature_of(logprobs)
+    def kl(self, model, edited_layers: set[int] | None = None) -> float:
+        """KL(base ‖ model), averaged over the harmless prompts."""
+        logprobs = self.harmless.first_token_logprobs(model, edited_layers)
         return kl_divergence(self.base_logprobs, logprobs)
 
-    def count_refusals(self, model, unchanged: int = 0) -> int:
-        return sum(self.refusal_flags(model, unchanged=unchanged))
+    def count_refusals(self, model, edited_layers: set[int] | None = None) -> int:
+        return sum(self.refusal_flags(model, edited_layers=edited_layers))
 
-    def refusal_flags(self, model, early_stop: bool = True, unchanged: int = 0) -> list[bool]:
-        s = self.setup
-        if self.pool is not None:
-            self.pool.begin(self._signature)
-            self._signature = None
-        with track(f"{self.label}: refusals", len(self.harmful_texts)) as advance:
-            responses = generate(
+    def refusal_flags(self, model, early_stop: bool = True, edited_layers: set[int] | None = None) -> list[bool]:
+        with track(f"{self.label}: refusals", self.harmful_count) as advance:
+            responses = self.harmful.greedy_responses(
                 model,
-                s.tokenizer,
-                self.harmful_texts,
-                s.max_new_tokens,
-                s.batch_size,
-                s.device,
-                stop_when=s.detector.decided if early_stop else None,
+                self.max_new_tokens,
+                stop_when=self.detector.decided if early_stop else None,
+                edited_layers=edited_layers,
                 advance=advance,
-                pool=self.pool,
-                replay=self.harmful_replay,
-                unchanged=unchanged,
             )
-        return [s.detector.is_refusal(response) for response in responses]
+        return [self.detector.is_refusal(response) for response in responses]
 
     def score(self, model) -> Scores:
-        return Scores(self.kl(model), self.count_refusals(model), len(self.harmful_texts))
-
-
-def first_token_logprobs(
-    model, tokenizer, texts: list[str], batch_size: int, device, replay: LayerReplay | None = None, unchanged: int = 0
-) -> torch.Tensor:
-    """(len(texts), vocab) log-probabilities, computing the shared chat-template prefix once where possible
-    (and, with a `replay`, skipping the first `unchanged` layers: see layer_replay)."""
-    shared = last_position_logprobs_shared(model, tokenizer, texts, batch_size, device, replay, unchanged)
-    return shared if shared is not None else last_position_logprobs(model, tokenizer, texts, batch_size, device)
+        return Scores(self.kl(model), self.count_refusals(model), self.harmful_count)
 
 
 def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
     return F.kl_div(logprobs, base_logprobs, reduction="batchmean", log_target=True).item()
+
+
+def build_scorer(
+    tokenizer,
+    device,
+    kernels: CpuKernels | None,
+    settings: Settings,
+    batch_size: int,
+    texts: Texts,
+    subset: str = "evaluation",
+) -> Scorer:
+    """The scorer of one subset of the prompts ('evaluation' during the search, 'heldout' after it)."""
+    harmless = PromptSet(tokenizer, texts.of("harmless", subset), batch_size, device, kernels)
+    harmful = PromptSet(
+        tokenizer,
+        texts.of("harmful", subset),
+        batch_size,
+        device,
+        kernels,
+        reuse_responses=settings.reuse_responses,
+        nearness=harmless,
+    )
+    return Scorer(harmless, harmful, RefusalDetector(settings.refusal_markers), settings.max_response_tokens, subset)

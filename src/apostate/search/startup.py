@@ -4,36 +4,26 @@ directions, and the base model's scores. Cached in the run folder, so a resumed 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..decoding import CpuKernels
 from ..directions.refusal import refusal_directions
 from ..directions.residuals import residual_means
+from ..model.loading import LoadedModel, load_model
+from ..model.sources import ModelSource
 from ..progress import console
-from ..prompts import PromptSplit, chat_texts, load_prompts, split_prompts
+from ..prompts import PromptSplits, Texts
+from ..scoring import build_scorer
 from ..scoring.calibration import PREFIX_SAMPLE, detect_response_prefix, find_batch_size
-from ..scoring.refusals import RefusalDetector
-from ..scoring.scorer import Scorer, ScoringSetup
-from ..settings import PromptSetSpec, Settings
+from ..settings import Settings
 
 CACHE_FILE = "startup.pt"
 CACHE_VERSION = 2  # raised whenever Startup changes, so older caches are measured again
-
-
-@dataclass(frozen=True)
-class PromptSets:
-    harmless: PromptSplit
-    harmful: PromptSplit
-
-
-def load_prompt_sets(settings: Settings) -> PromptSets:
-    return PromptSets(
-        harmless=split_prompts(load_prompts(settings.harmless), settings.harmless),
-        harmful=split_prompts(load_prompts(settings.harmful), settings.harmful),
-    )
 
 
 @dataclass
@@ -47,23 +37,28 @@ class Startup:
     seconds: dict[str, float]
 
 
-class Texts:
-    """Chat-templated texts of the prompt sets, with the run's system prompts and response prefix."""
-
-    def __init__(self, tokenizer, settings: Settings, prompts: PromptSets, response_prefix: str):
-        self.tokenizer = tokenizer
-        self.settings = settings
-        self.prompts = prompts
-        self.response_prefix = response_prefix
-
-    def of(self, side: str, subset: str) -> list[str]:
-        spec: PromptSetSpec = getattr(self.settings, side)
-        system = spec.system_prompt if spec.system_prompt is not None else self.settings.system_prompt
-        split: PromptSplit = getattr(self.prompts, side)
-        return chat_texts(self.tokenizer, getattr(split, subset), system, self.response_prefix)
+def load_for_trials(source: ModelSource, settings: Settings, tokenizer, kernels: CpuKernels) -> LoadedModel:
+    """The model, with the CPU kernels timed fastest on this machine applied (`kernels.restore` takes
+    the routing back). Not for remote code: custom model code may assume contiguous weights and
+    its own forward methods."""
+    loaded = load_model(source, settings, tokenizer)
+    if not settings.trust_remote_code:
+        chosen = kernels.apply(loaded.model)
+        if chosen:
+            console.print(chosen)
+    return loaded
 
 
-def prepare(model, tokenizer, device, settings: Settings, prompts: PromptSets, run_dir: Path, key: dict) -> Startup:
+def prepare(
+    model,
+    tokenizer,
+    device,
+    kernels: CpuKernels | None,
+    settings: Settings,
+    prompts: PromptSplits,
+    run_dir: Path,
+    key: dict,
+) -> Startup:
     """Measure (or reload from the run folder) what the trials need."""
     cache = run_dir / CACHE_FILE
     if cache.is_file():
@@ -71,76 +66,63 @@ def prepare(model, tokenizer, device, settings: Settings, prompts: PromptSets, r
         if stored.get("key") == key and stored.get("version") == CACHE_VERSION:
             console.print("Reusing start-up measurements from the run folder.")
             return stored["startup"]
-    startup = _measure(model, tokenizer, device, settings, prompts)
+    seconds: dict[str, float] = {}
+    with _timed(seconds, "batch_size"):
+        batch_size = _batch_size(model, tokenizer, device, kernels, settings, prompts)
+    with _timed(seconds, "prefix"):
+        prefix = _response_prefix(model, tokenizer, device, kernels, settings, prompts, batch_size)
+    texts = Texts(tokenizer, settings, prompts, prefix)
+    with _timed(seconds, "residuals"):
+        directions = _directions(model, tokenizer, device, settings, texts, batch_size)
+    with _timed(seconds, "base_scores"):
+        console.print("Scoring the base model...")
+        scorer = build_scorer(tokenizer, device, kernels, settings, batch_size, texts)
+        base = scorer.record_base(model)
+        console.print(f"* Base model refuses [bold]{base.refusals}/{base.total}[/] harmful evaluation prompts")
+    startup = Startup(
+        batch_size, prefix, directions, scorer.base_logprobs, base.refusals, scorer.base_responses(), seconds
+    )
     torch.save({"key": key, "version": CACHE_VERSION, "startup": startup}, cache)
     return startup
 
 
-def _measure(model, tokenizer, device, settings: Settings, prompts: PromptSets) -> Startup:
-    seconds = {}
-    plain = Texts(tokenizer, settings, prompts, "")
+@contextmanager
+def _timed(seconds: dict[str, float], name: str):
     start = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - start
+
+
+def _batch_size(model, tokenizer, device, kernels, settings: Settings, prompts: PromptSplits) -> int:
     batch_size = settings.batch_size
     if batch_size == 0:
         console.print("Finding a batch size...")
-        batch_size = find_batch_size(
-            model,
-            tokenizer,
-            plain.of("harmful", "evaluation"),
-            settings.max_batch_size,
-            device,
-            settings.max_response_tokens,
-        )
+        texts = Texts(tokenizer, settings, prompts, "").of("harmful", "evaluation")
+        args = (settings.max_batch_size, device, settings.max_response_tokens, kernels)
+        batch_size = find_batch_size(model, tokenizer, texts, *args)
     console.print(f"* Batch size: [bold]{batch_size}[/]")
-    seconds["batch_size"] = time.perf_counter() - start
+    return batch_size
 
-    start = time.perf_counter()
+
+def _response_prefix(model, tokenizer, device, kernels, settings: Settings, prompts: PromptSplits, batch_size: int):
     prefix = settings.response_prefix
     if prefix is None:
+        plain = Texts(tokenizer, settings, prompts, "")
         sample = plain.of("harmless", "evaluation")[:PREFIX_SAMPLE] + plain.of("harmful", "evaluation")[:PREFIX_SAMPLE]
-        prefix = detect_response_prefix(model, tokenizer, sample, batch_size, device, settings.chain_of_thought_skips)
+        args = (batch_size, device, settings.chain_of_thought_skips, kernels)
+        prefix = detect_response_prefix(model, tokenizer, sample, *args)
     console.print(f"* Response prefix: [bold]{prefix!r}[/]" if prefix else "* No common response prefix")
-    seconds["prefix"] = time.perf_counter() - start
+    return prefix
 
-    texts = Texts(tokenizer, settings, prompts, prefix)
-    start = time.perf_counter()
+
+def _directions(model, tokenizer, device, settings: Settings, texts: Texts, batch_size: int) -> Tensor:
     console.print("Computing refusal directions...")
+    keep_on = "cpu" if settings.activations_on == "cpu" else device
+    quantile = settings.winsorization_quantile
     means = {
         side: residual_means(
-            model,
-            tokenizer,
-            texts.of(side, "direction"),
-            batch_size,
-            device,
-            settings.winsorization_quantile,
-            f"residuals ({side})",
-            keep_on="cpu" if settings.activations_on == "cpu" else device,
+            model, tokenizer, texts.of(side, "direction"), batch_size, device, quantile, f"residuals ({side})", keep_on
         )
         for side in ("harmless", "harmful")
     }
-    directions = refusal_directions(means["harmless"], means["harmful"], settings.orthogonalize_direction)
-    seconds["residuals"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    console.print("Scoring the base model...")
-    scorer = evaluation_scorer(tokenizer, device, settings, batch_size, texts)
-    base = scorer.record_base(model)
-    console.print(f"* Base model refuses [bold]{base.refusals}/{base.total}[/] harmful evaluation prompts")
-    seconds["base_scores"] = time.perf_counter() - start
-    return Startup(
-        batch_size, prefix, directions, scorer.base_logprobs, base.refusals, scorer.base_responses(), seconds
-    )
-
-
-def evaluation_scorer(
-    tokenizer, device, settings: Settings, batch_size: int, texts: Texts, subset: str = "evaluation"
-) -> Scorer:
-    setup = ScoringSetup(
-        tokenizer,
-        device,
-        batch_size,
-        settings.max_response_tokens,
-        RefusalDetector(settings.refusal_markers),
-        settings.reuse_responses,
-    )
-    return Scorer(setup, texts.of("harmless", subset), texts.of("harmful", subset), subset)
+    return refusal_directions(means["harmless"], means["harmful"], settings.orthogonalize_direction)

@@ -10,14 +10,19 @@ output exactly as a full-width edit would, and leaves inputs never seen alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ...decoding.batching import batches
 from ...model.adapter import Adapter
-from ...progress import track
+from ...progress import console, track
 from .expert_captures import ExpertRecorder, expert_module
+
+if TYPE_CHECKING:
+    from ...prompts import Texts
+    from ...settings import Settings
 
 
 @dataclass
@@ -135,3 +140,28 @@ def input_basis(inputs: Tensor, max_rank: int) -> Tensor:
     _, singular_values, right = torch.linalg.svd(inputs.double(), full_matrices=False)
     keep = int((singular_values > singular_values[0] * 1e-6).sum().clamp(max=max_rank))
     return right[:keep].float()
+
+
+def capture_for_fitting(
+    adapter: Adapter, tokenizer, device, settings: Settings, texts: Texts, batch_size: int
+) -> dict[CaptureKey, ModuleCapture]:
+    """Module inputs and outputs on the direction prompts, for methods fitted to them (ARA)."""
+    linear, experts, skipped = capture_slots(adapter)
+    for entry in skipped:
+        console.print(f"[yellow]* not edited by {settings.method}, experts of an unknown form:[/] {entry}")
+    console.print("Capturing module inputs and outputs...")
+    inputs = {
+        side: capture_writer_inputs(
+            adapter.model,
+            tokenizer,
+            adapter,
+            linear + experts,
+            texts.of(side, "direction"),
+            batch_size,
+            device,
+            f"capturing ({side})",
+            keep_on="cpu" if settings.activations_on == "cpu" else device,
+        )
+        for side in ("harmless", "harmful")
+    }
+    return build_captures(adapter, inputs["harmless"], inputs["harmful"], settings.ara.basis_rank)

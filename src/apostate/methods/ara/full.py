@@ -13,6 +13,7 @@ and copied back on reset, so trials never reload the model. Full precision only:
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -23,8 +24,15 @@ from ..context import MethodContext
 from .objective import fit
 from .shared import AraMethodBase, AraParameters
 
+if TYPE_CHECKING:
+    from ...model.adapter import AdapterSlot
+    from ...settings import Settings
+
 
 class AraMethod(AraMethodBase):
+    """Edits written into the weights in place; reset and edited_layers add those weights to
+    the adapter's (AdapterEdits), deltas are the in-place edits alone."""
+
     name = "ara"
     edits_in_adapter = False  # full-rank edits live in the weights; only a merged export can hold them
 
@@ -36,11 +44,11 @@ class AraMethod(AraMethodBase):
         self.edits: dict[tuple[int, int], Tensor] = {}  # (slot, expert) -> ΔW (out, in), float32, CPU
 
     @staticmethod
-    def adapter_rank(settings) -> int:
+    def adapter_rank(settings: Settings) -> int:
         return 1  # the adapter stays zero; edits go into the weights
 
     def reset(self) -> None:
-        self.adapter.reset()
+        super().reset()  # the adapter (zero all along, reset all the same)
         with torch.no_grad():
             for index, original in self.originals.items():
                 self._parameter(index).copy_(original)
@@ -71,7 +79,7 @@ class AraMethod(AraMethodBase):
             yield WriterEdit(self.adapter.slots[index].writer, shape, lambda index=index: self._delta(index))
 
     def edited_layers(self) -> set[int]:
-        return {self.adapter.slots[index].writer.layer for index, _ in self.edits} | self.adapter.edited_layers()
+        return {self.adapter.slots[index].writer.layer for index, _ in self.edits} | super().edited_layers()
 
     def _delta(self, index: int) -> Tensor:
         slot = self.adapter.slots[index]
@@ -86,7 +94,7 @@ class AraMethod(AraMethodBase):
         return getattr(slot.module.get_base_layer(), slot.writer.parameter or "weight")
 
     @staticmethod
-    def _oriented(parameter: Tensor, slot, expert: int) -> Tensor:
+    def _oriented(parameter: Tensor, slot: AdapterSlot, expert: int) -> Tensor:
         """A view of one expert's (out, in) weight inside a Linear weight or a stacked parameter."""
         if not slot.stacked:
             return parameter

@@ -11,26 +11,27 @@ export merges the same factors into full-precision weights.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from ...model.architecture import WriterEdit
 from .objective import fit
 from .shared import AraMethodBase, AraParameters
 
+if TYPE_CHECKING:
+    from ...settings import Settings
+
 
 class AraLoraMethod(AraMethodBase):
+    """The edit lives in the adapter alone: reset, deltas and edited layers are AdapterEdits'."""
+
     name = "ara-lora"
     edits_in_adapter = True
 
     @staticmethod
-    def adapter_rank(settings) -> int:
+    def adapter_rank(settings: Settings) -> int:
         return settings.ara.lora_rank
-
-    def reset(self) -> None:
-        self.adapter.reset()
 
     def apply(self, parameters: AraParameters) -> None:
         rank = self.settings.ara.lora_rank
@@ -55,10 +56,3 @@ class AraLoraMethod(AraMethodBase):
             slot_b[expert] = self.cap((b @ a).norm(), capture.weight_norm) * b
         for index, (a, b) in factors.items():
             self.adapter.slots[index].write(a, b)
-
-    def deltas(self) -> Iterator[WriterEdit]:
-        for slot in self.adapter.slots:
-            yield slot.edit()
-
-    def edited_layers(self) -> set[int]:
-        return self.adapter.edited_layers()

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from ..ranges import RangeModel
+from ..ranges import RangeModel, range_field
 
 
 class AraSettings(RangeModel):
@@ -35,22 +35,20 @@ class AraSettings(RangeModel):
         gt=0,
         description="Trust region: an edit's Frobenius norm is capped at this fraction of the module weight's.",
     )
-    layer_start: tuple[float, float] = Field(default=(0.0, 0.6), description="Range of the first edited layer.")
-    layer_span: tuple[float, float] = Field(
-        default=(0.2, 1.0), description="Range of the number of edited layers (clipped at the last layer)."
+    layer_start: tuple[float, float] = range_field(0.0, 0.6, "Range of the first edited layer.", ge=0.0, le=1.0)
+    layer_span: tuple[float, float] = range_field(
+        0.2, 1.0, "Range of the number of edited layers (clipped at the last layer).", ge=0.0, le=1.0
     )
-    preserve_weight: tuple[float, float] = Field(
-        default=(0.5, 5.0), description="Range of the weight of keeping harmless outputs where they were."
+    preserve_weight: tuple[float, float] = range_field(
+        0.5, 5.0, "Range of the weight of keeping harmless outputs where they were."
     )
-    steer_weight: tuple[float, float] = Field(
-        default=(0.0, 1.0), description="Range of the weight of pulling harmful outputs toward harmless ones."
+    steer_weight: tuple[float, float] = range_field(
+        0.0, 1.0, "Range of the weight of pulling harmful outputs toward harmless ones."
     )
-    overcorrect_weight: tuple[float, float] = Field(
-        default=(0.0, 1.5),
-        description="Range of the push away from the original harmful outputs, relative to the pull.",
+    overcorrect_weight: tuple[float, float] = range_field(
+        0.0, 1.5, "Range of the push away from the original harmful outputs, relative to the pull."
     )
-    temperature: tuple[float, float] = Field(
-        default=(0.02, 1.0),
-        description="Range of the softmin temperature ('smooth'; small = nearest neighbours, large = all).",
+    temperature: tuple[float, float] = range_field(
+        0.02, 1.0, "Range of the softmin temperature ('smooth'; small = nearest neighbours, large = all)."
     )
-    neighbours: tuple[int, int] = Field(default=(1, 16), description="Range of the neighbour count ('knn').")
+    neighbours: tuple[int, int] = range_field(1, 16, "Range of the neighbour count ('knn').", ge=1)

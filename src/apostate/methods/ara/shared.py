@@ -5,14 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ...model.adapter import AdapterSlot
+from ..adapter_edits import AdapterEdits
 from ..context import BrokenEdit, MethodContext
 from .captures import ModuleCapture
 from .objective import Objective, ObjectiveWeights
+
+if TYPE_CHECKING:
+    from ...settings import Settings
 
 
 @dataclass(frozen=True)
@@ -32,7 +37,7 @@ class AraParameters:
         }
 
 
-def suggest(trial, settings, n_layers: int) -> AraParameters:
+def suggest(trial, settings: Settings, n_layers: int) -> AraParameters:
     ara = settings.ara
     last = n_layers - 1
     start = trial.suggest_float("layer_start", ara.layer_start[0] * last, ara.layer_start[1] * last)
@@ -50,7 +55,7 @@ def suggest(trial, settings, n_layers: int) -> AraParameters:
     return AraParameters(first, min(last, round(start + span)), weights)
 
 
-class AraMethodBase:
+class AraMethodBase(AdapterEdits):
     """Fits each selected module's edit; subclasses say how an edit is parametrized and stored."""
 
     def __init__(self, context: MethodContext):

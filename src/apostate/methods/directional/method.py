@@ -25,8 +25,8 @@ in the x·W convention of the write-ups), with norm n_j:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,10 +34,13 @@ from torch import Tensor
 
 from ...directions.refusal import direction_at
 from ...model.adapter import Adapter
-from ...model.architecture import WriterEdit
+from ..adapter_edits import AdapterEdits
 from ..context import MethodContext
 from .settings import SearchSpace
 from .weight_kernel import WeightKernel
+
+if TYPE_CHECKING:
+    from ...settings import Settings
 
 
 @dataclass(frozen=True)
@@ -100,8 +103,9 @@ def apply(
         slot.write(a, b)
 
 
-class DirectionalMethod:
-    """Directional ablation with a per-component weight kernel over layers."""
+class DirectionalMethod(AdapterEdits):
+    """Directional ablation with a per-component weight kernel over layers (reset, deltas and
+    edited layers: the adapter's, see AdapterEdits)."""
 
     name = "directional"
     needs_captures = False
@@ -115,25 +119,15 @@ class DirectionalMethod:
         self.components = context.components
 
     @staticmethod
-    def adapter_rank(settings) -> int:
+    def adapter_rank(settings: Settings) -> int:
         return settings.full_normalization_rank if settings.row_normalization == "full" else 1
 
     def suggest(self, trial) -> DirectionalParameters:
         return suggest(trial, self.settings.search, self.n_layers, self.components)
 
-    def reset(self) -> None:
-        self.adapter.reset()
-
     def apply(self, parameters: DirectionalParameters) -> None:
         rank = self.adapter_rank(self.settings)
         apply(self.adapter, self.directions, parameters, self.settings.row_normalization, rank)
-
-    def deltas(self) -> Iterator[WriterEdit]:
-        for slot in self.adapter.slots:
-            yield slot.edit()
-
-    def edited_layers(self) -> set[int]:
-        return self.adapter.edited_layers()
 
     def describe(self, parameters: DirectionalParameters) -> dict:
         return parameters.as_dict()

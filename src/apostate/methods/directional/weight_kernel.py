@@ -23,8 +23,5 @@ class WeightKernel:
         fraction = distance / self.min_weight_distance if self.min_weight_distance > 0 else 0.0
         return self.max_weight + fraction * (self.min_weight - self.max_weight)
 
-    def weights(self, n_layers: int) -> list[float]:
-        return [self.weight_at(layer) for layer in range(n_layers)]
-
     def as_dict(self) -> dict[str, float]:
         return asdict(self)

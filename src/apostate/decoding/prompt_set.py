@@ -1,0 +1,148 @@
+"""`PromptSet`: the one way the rest of apostate runs prompts through a model.
+
+A PromptSet is a fixed list of chat-templated texts for one model, and owns everything that
+makes running them fast without changing a result:
+- their tokens, split once into the chat-template prefix they share and each text's own
+  suffix (prefix_cache: the prefix runs once per pass, not once per text);
+- the layer replay of its passes (layer_replay): told which decoder layers an edit changed,
+  it does not run the layers below the first of them, but replays what they computed before;
+- for greedy responses, the pool of earlier responses it checks as drafts (response_pool,
+  speculative), ranked by how near the model that wrote them is to the current one. Nearness
+  is read from another PromptSet (`nearness`): its latest first-token log-probabilities at the
+  base model's likeliest tokens;
+- the model's CPU kernel choices (cpu_kernels), for the greedy head.
+It offers the two things scoring needs: `first_token_logprobs` and `greedy_responses`. Models
+whose cache cannot be shared (sliding-window, recurrent layers) take the plain paths
+(batching, generation), which give the same results slower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .batching import last_position_logprobs
+from .cpu_kernels import CpuKernels
+from .generation import generate_plain, stop_ids
+from .layer_replay import LayerReplay, unchanged_layers
+from .prefix_cache import PromptPasses, SharedPrefix, shared_prefix_logprobs
+from .response_pool import ResponsePool
+from .speculative import DecodingLimits, speculative_greedy
+
+SIGNATURE_TOKENS = 16  # a model is signed by its log-probabilities of the base's likeliest first tokens
+
+
+class PromptSet:
+    """Fixed chat texts run through a model: first-token log-probabilities, and greedy responses."""
+
+    def __init__(
+        self,
+        tokenizer,
+        texts: list[str],
+        batch_size: int,
+        device,
+        kernels: CpuKernels | None = None,
+        reuse_responses: bool = False,
+        nearness: PromptSet | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.texts = texts
+        self.batch_size = batch_size
+        self.device = device
+        self.kernels = kernels
+        self.shared = SharedPrefix.of(tokenizer, texts) if texts else None
+        self.order = sorted(range(len(texts)), key=lambda i: len(self.shared.suffixes[i])) if texts else []
+        # Passes given the layers an edit changed record the unchanged ones; later passes replay them.
+        self.replays = {False: LayerReplay(with_cache=False), True: LayerReplay(with_cache=True)}
+        self.pool = ResponsePool(len(texts)) if reuse_responses else None  # earlier responses, as drafts
+        self.nearness = nearness
+        self.base_top: torch.Tensor | None = None  # the base model's likeliest first tokens (signatures)
+        self.base_signature: torch.Tensor | None = None
+        self.latest: torch.Tensor | None = None  # log-probabilities of the last model measured
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    @torch.inference_mode()
+    def first_token_logprobs(self, model, edited_layers: set[int] | None = None) -> torch.Tensor:
+        """(texts, vocab) log-probabilities of each text's first response token, float32 on the CPU.
+
+        `edited_layers`: the decoder layers where the model differs from the one earlier passes ran
+        (None: unknown, nothing is replayed; an empty set: none differs).
+        """
+        prefix_cache = self.shared.cache(model, self.device)
+        if prefix_cache is None:
+            logprobs = last_position_logprobs(model, self.tokenizer, self.texts, self.batch_size, self.device)
+        else:
+            logprobs = shared_prefix_logprobs(model, self.shared, prefix_cache, self._passes(False, edited_layers))
+        self.latest = logprobs
+        return logprobs
+
+    @torch.inference_mode()
+    def greedy_responses(
+        self,
+        model,
+        max_new_tokens: int,
+        stop_when: Callable[[str], bool] | None = None,
+        edited_layers: set[int] | None = None,
+        advance: Callable[[int], None] | None = None,
+    ) -> list[str]:
+        """Each text's greedy response, at most `max_new_tokens` long, in text order.
+
+        With `stop_when`, a response stops as soon as its text satisfies it; pass only a
+        condition that more text can never undo (a refusal marker has appeared).
+        """
+        prefix_cache = self.shared.cache(model, self.device)
+        if prefix_cache is None:
+            args = (model, self.tokenizer, self.texts, max_new_tokens, self.batch_size, self.device)
+            return generate_plain(*args, stop_when, advance)
+        if self.pool is not None:
+            self.pool.begin(self.nearness.take_signature() if self.nearness else None)
+        tokens = speculative_greedy(
+            model,
+            self.tokenizer,
+            self.shared,
+            prefix_cache,
+            self._passes(True, edited_layers),
+            DecodingLimits(max_new_tokens, stop_ids(model, self.tokenizer)),
+            self.pool,
+            stop_when,
+            advance,
+            self.kernels.greedy_head(model) if self.kernels else None,
+        )
+        if self.pool is not None:
+            for index, response in tokens.items():
+                self.pool.add(index, response)
+        return [self.tokenizer.decode(tokens[index], skip_special_tokens=True) for index in range(len(self.texts))]
+
+    def remember_base(self, logprobs: torch.Tensor | None = None, responses: list[list[int]] | None = None) -> None:
+        """The base model's results on this set: its first-token log-probabilities (later models are
+        signed relative to them), or its responses as token ids (the first drafts)."""
+        if logprobs is not None:
+            self.base_top = logprobs.topk(SIGNATURE_TOKENS, dim=-1).indices
+            self.base_signature = self.signature(logprobs)
+        if responses and self.pool is not None:
+            self.pool.begin(self.nearness.base_signature if self.nearness else None)
+            for index, tokens in enumerate(responses):
+                self.pool.add(index, tokens)
+
+    def latest_responses(self) -> list[list[int]]:
+        """Each text's latest greedy response as token ids (empty without a response pool)."""
+        return self.pool.newest() if self.pool is not None else []
+
+    def signature(self, logprobs: torch.Tensor | None) -> torch.Tensor | None:
+        """A model's log-probabilities of the base's likeliest first tokens: nearby models write alike."""
+        if logprobs is None or self.base_top is None:
+            return None
+        return logprobs.gather(1, self.base_top)
+
+    def take_signature(self) -> torch.Tensor | None:
+        """The signature of the model measured last, once (a later model must be measured again)."""
+        signature, self.latest = self.signature(self.latest), None
+        return signature
+
+    def _passes(self, with_cache: bool, edited_layers: set[int] | None) -> PromptPasses:
+        unchanged = 0 if edited_layers is None else unchanged_layers(edited_layers)
+        pad_id = self.tokenizer.pad_token_id
+        return PromptPasses(self.order, self.batch_size, pad_id, self.device, self.replays[with_cache], unchanged)

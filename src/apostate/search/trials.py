@@ -1,0 +1,119 @@
+"""The trial loop: each trial resets the model, applies the method's edit for the sampled
+parameters, and scores it; finished trials go to the study (and its journal) at once."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import optuna
+from optuna.trial import TrialState
+from torch import nn
+
+from ..methods import Method
+from ..methods.context import BrokenEdit
+from ..monitor import trim_free_memory
+from ..progress import console, track
+from ..scoring import Scorer, scores_line
+from .study import FINISHED, finished
+
+
+@dataclass
+class TrialRunner:
+    """Runs one trial: reset, edit, score; records everything on the Optuna trial.
+
+    A trial whose edit is broken (non-finite) or whose KL exceeds `kl_cutoff` gets a positive
+    Optuna constraint and is pruned: the sampler learns the region is infeasible, the Pareto
+    front never shows it, and no made-up objective value is reported. Its refusals are not
+    counted (that is the expensive part, and the model is unusable anyway).
+    """
+
+    method: Method
+    scorer: Scorer
+    model: nn.Module
+    kl_cutoff: float
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        timings = {}
+        start = time.perf_counter()
+        self.method.reset()
+        timings["reset"] = time.perf_counter() - start
+        parameters = self.method.suggest(trial)
+        trial.set_user_attr("parameters", self.method.describe(parameters))
+        mark = time.perf_counter()
+        try:
+            self.method.apply(parameters)
+        except BrokenEdit as error:
+            self._infeasible(trial, timings, start, str(error), float("inf"))
+        timings["edit"] = time.perf_counter() - mark
+        mark = time.perf_counter()
+        edited = self.method.edited_layers()
+        kl = self.scorer.kl(self.model, edited)
+        timings["kl"] = time.perf_counter() - mark
+        trial.set_user_attr("kl", kl)
+        if not math.isfinite(kl) or kl > self.kl_cutoff:
+            self._infeasible(trial, timings, start, f"KL {kl:.4g} above the cutoff {self.kl_cutoff}", kl)
+        trial.set_constraint("kl_cutoff", kl - self.kl_cutoff)
+        mark = time.perf_counter()
+        refusals = self.scorer.count_refusals(self.model, edited)
+        timings["refusals"] = time.perf_counter() - mark
+        trim_free_memory()
+        timings["total"] = time.perf_counter() - start
+        total = self.scorer.harmful_count
+        trial.set_user_attr("refusals", refusals)
+        trial.set_user_attr("total", total)
+        trial.set_user_attr("seconds", timings)
+        return refusals / total, kl
+
+    @staticmethod
+    def _infeasible(trial: optuna.Trial, timings: dict, start: float, reason: str, excess: float) -> None:
+        timings["total"] = time.perf_counter() - start
+        trial.set_user_attr("seconds", timings)
+        trial.set_user_attr("infeasible", reason)
+        trial.set_constraint("kl_cutoff", excess if math.isfinite(excess) and excess > 0 else 1e9)
+        raise optuna.TrialPruned(reason)
+
+
+def run_trials(
+    study: optuna.Study, runner: TrialRunner, n_trials: int, after_trial: Callable[[optuna.Study], None]
+) -> bool:
+    """Run trials until the study has `n_trials` finished ones (scored or infeasible).
+    Returns False if interrupted."""
+    remaining = n_trials - len(finished(study))
+    if remaining <= 0:
+        return True
+    done_before = len(finished(study))
+    console.print(
+        f"\n[bold]Running {remaining} trials[/] ({done_before} already done, resuming)"
+        if done_before
+        else f"\n[bold]Running {remaining} trials[/]"
+    )
+    with track("trials", remaining) as advance:
+
+        def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+            if trial.state in FINISHED:
+                _print_trial(trial)
+                after_trial(study)
+                advance(1)
+
+        try:
+            while len(finished(study)) < n_trials:
+                study.optimize(runner, n_trials=1, callbacks=[callback], catch=())
+        except KeyboardInterrupt:
+            console.print(
+                f"\n[yellow]Interrupted.[/] {len(finished(study))} finished trials are kept in the run "
+                "folder; run the same command again to resume."
+            )
+            return False
+    return True
+
+
+def _print_trial(trial: optuna.trial.FrozenTrial) -> None:
+    attrs = trial.user_attrs
+    if trial.state == TrialState.PRUNED:
+        console.print(f"  Trial {trial.number:>3}: [yellow]infeasible[/] ({attrs.get('infeasible')})")
+        return
+    line = scores_line(attrs["refusals"], attrs["total"], attrs["kl"])
+    console.print(f"  Trial {trial.number:>3}: {line}  [dim]{attrs['seconds']['total']:.1f} s[/]")

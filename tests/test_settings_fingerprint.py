@@ -1,0 +1,168 @@
+"""Which settings change what a trial measures is declared on the fields; the resume fingerprint follows it."""
+
+import json
+
+import pytest
+
+from apostate.config_file import render_default_config
+from apostate.settings import METHODS, Settings, measured, measured_for
+
+
+def settings(**values) -> Settings:
+    return Settings(model="demo", config=None, **values)  # config=None: no ./apostate.toml
+
+
+def old_fingerprint_of(settings, model_name: str) -> dict:
+    """search.study.fingerprint_of as it was, with its hand-kept list: stored run folders hold this."""
+    keys = [
+        "method",
+        "components",
+        "orthogonalize_direction",
+        "winsorization_quantile",
+        "row_normalization",
+        "full_normalization_rank",
+        "system_prompt",
+        "max_response_tokens",
+        "refusal_markers",
+        "response_prefix",
+        "quantization",
+        "chat_template",
+        "kl_cutoff",
+    ]
+    data = {key: getattr(settings, key) for key in keys}
+    data["model"] = model_name
+    data["harmless"] = settings.harmless.model_dump()
+    data["harmful"] = settings.harmful.model_dump()
+    data["search"] = settings.search.model_dump()
+    if settings.method != "directional":
+        data["ara"] = settings.ara.model_dump()
+    return json.loads(json.dumps(data, default=str))
+
+
+VARIANTS = [
+    {},
+    {"method": "ara"},
+    {"method": "ara-lora", "ara": {"lora_rank": 4, "layer_start": (0.1, 0.5), "objective": "knn"}},
+    {"method": "directional", "ara": {"lora_rank": 4}},
+    {
+        "quantization": "bnb_4bit",
+        "chat_template": "{{ messages }}",
+        "system_prompt": "Be brief.",
+        "response_prefix": "<think></think>",
+        "components": ["mlp"],
+        "row_normalization": "none",
+        "winsorization_quantile": 0.95,
+        "search": {"direction_index": (0.2, 0.7), "per_layer_directions": False},
+        "harmless": {"source": "prompts.txt", "split": "train", "heldout_count": 0},
+        "harmful": {"prefix": "Q: ", "shuffle_seed": 3},
+        "n_trials": 7,
+        "n_startup_trials": 2,
+        "run_dir": "runs/elsewhere",
+    },
+]
+
+
+@pytest.mark.parametrize("values", VARIANTS)
+def test_fingerprint_is_the_old_hand_kept_one(values):
+    made = settings(**values)
+    for model_name in ("demo", "Qwen3-0.6B"):
+        new, old = made.measurement_fingerprint(model_name), old_fingerprint_of(made, model_name)
+        assert new == old
+        assert json.dumps(new, sort_keys=True) == json.dumps(old, sort_keys=True)
+
+
+# One other value per measured setting; a field newly marked measured() needs an entry here.
+CHANGES = {
+    "quantization": "bnb_4bit",
+    "chat_template": "{{ messages }}",
+    "system_prompt": "Be brief.",
+    "harmless": {"evaluation_count": 7},
+    "harmful": {"source": "other.txt"},
+    "max_response_tokens": 12,
+    "response_prefix": "<think></think>",
+    "refusal_markers": ["nope"],
+    "method": "ara-lora",
+    "components": ["mlp"],
+    "orthogonalize_direction": False,
+    "winsorization_quantile": 0.9,
+    "row_normalization": "pre",
+    "full_normalization_rank": 2,
+    "search": {"max_weight": (0.5, 1.0)},
+    "ara": {"lora_rank": 4},
+    "kl_cutoff": 1.0,
+}
+UNMEASURED = {
+    "model_revision": "main",
+    "run_dir": "runs/x",
+    "cache_dir": "/tmp/cache",
+    "dtypes": ["float32"],
+    "batch_size": 8,
+    "max_batch_size": 16,
+    "reuse_responses": False,
+    "n_trials": 200,
+    "n_startup_trials": 5,
+    "seed": 4,
+    "headless": True,
+    "trial": 3,
+    "actions": ["save"],
+    "output_dir": "out",
+}
+
+
+def measured_names() -> set[str]:
+    return {name for name, field in Settings.model_fields.items() if measured_for(field)}
+
+
+def test_every_measured_setting_is_exercised():
+    assert measured_names() == set(CHANGES)
+    assert not measured_names() & set(UNMEASURED)
+    assert "model" not in measured_names()  # the fingerprint's "model" is the resolved model's name
+    assert measured_for(Settings.model_fields["ara"]) == ("ara", "ara-lora")
+    assert measured_for(Settings.model_fields["kl_cutoff"]) == METHODS
+
+
+@pytest.mark.parametrize("name", sorted(CHANGES))
+def test_changing_a_measured_setting_changes_the_fingerprint(name):
+    base = {"method": "ara"} if name == "ara" else {}
+    before = settings(**base).measurement_fingerprint("demo")
+    after = settings(**{**base, name: CHANGES[name]}).measurement_fingerprint("demo")
+    assert before != after
+    assert before[name] != after[name]
+
+
+@pytest.mark.parametrize("name", sorted(UNMEASURED))
+@pytest.mark.parametrize("method", METHODS)
+def test_changing_an_unmeasured_setting_keeps_the_fingerprint(name, method):
+    before = settings(method=method).measurement_fingerprint("demo")
+    assert settings(method=method, **{name: UNMEASURED[name]}).measurement_fingerprint("demo") == before
+
+
+def test_ara_settings_count_only_for_ara_methods():
+    assert "ara" not in settings().measurement_fingerprint("demo")
+    changed = {"ara": {"lora_rank": 4}}
+    assert settings(**changed).measurement_fingerprint("demo") == settings().measurement_fingerprint("demo")
+    assert settings(method="ara", **changed).measurement_fingerprint("demo")["ara"]["lora_rank"] == 4
+
+
+def test_the_model_name_is_part_of_the_fingerprint():
+    assert settings().measurement_fingerprint("a")["model"] == "a"
+    assert settings().measurement_fingerprint("a") != settings().measurement_fingerprint("b")
+
+
+def test_measured_names_only_known_methods():
+    with pytest.raises(ValueError, match="unknown methods"):
+        measured(0, methods=("ara", "abliterate"), description="x")
+
+
+def test_default_config_marks_measured_settings():
+    text = render_default_config()
+    blocks = [block.splitlines() for block in text.split("\n\n")]
+    for name, field in Settings.model_fields.items():
+        if name in ("model", "config"):
+            continue
+        starts = (f"{name} =", f"# {name} =", f"[{name}]")
+        # The first block naming it: top-level entries come before the tables and their fields.
+        block = next(lines for lines in blocks if any(line.startswith(starts) for line in lines))
+        note = any(line.startswith("# Changes what a trial measures") for line in block)
+        assert note == bool(measured_for(field)), name
+    assert "Changes what a trial measures (methods 'ara', 'ara-lora')" in " ".join(text.split())
