@@ -219,3 +219,28 @@ def test_trials_draft_from_the_base_models_responses_in_a_fresh_and_a_resumed_ru
     full = generate_plain(session.model, tokenizer, scorer.harmful.texts, scorer.max_new_tokens, 8, "cpu", None, None)
     for tokens, text in zip(pools[0], full, strict=True):  # early-stopped responses: a start of the full one
         assert text.startswith(tokenizer.decode(tokens, skip_special_tokens=True))
+
+
+def test_routed_linear_layers_are_restored_when_the_run_fails(model_dir, tmp_path, monkeypatch):
+    """Kernel choices swap `forward` on Linear layers for the run; every way out of the run undoes it."""
+    from apostate import pipeline
+    from apostate.decoding.kernel_timing import ROW_RANGES, KernelTimer
+
+    monkeypatch.setattr(KernelTimer, "onednn_pays", lambda self, weight: (True,) * len(ROW_RANGES))
+    sessions = []
+    start_session = pipeline.start_session
+
+    def keep(*args, **kwargs):
+        sessions.append(start_session(*args, **kwargs))
+        assert sessions[0].kernels.routed  # the run does route layers
+        return sessions[0]
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("a failure inside the trial loop")
+
+    monkeypatch.setattr(pipeline, "start_session", keep)
+    monkeypatch.setattr(pipeline, "run_trials", fail)
+    with pytest.raises(RuntimeError, match="inside the trial loop"):
+        main([str(model_dir), "--run-dir", str(tmp_path / "run"), "--n-trials", "2", "--headless", *SMALL])
+    linear = [m for m in sessions[0].model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear and not any("forward" in vars(module) for module in linear)

@@ -116,11 +116,11 @@ def layout_table() -> dict[str, set[str]]:
     rows: dict[str, set[str]] = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
-        if len(cells) < 2 or not cells[0].startswith("`"):
-            continue
+        if len(cells) < 3 or not (cells[0].startswith("`") and cells[0].endswith("/`")):
+            continue  # folder rows only (the section also lists bench/ scripts)
         folder = cells[0].strip("`").rstrip("/")
         folder = "" if folder in ("apostate", ".") else folder
-        rows[folder] = set(re.findall(r"`([\w/]+\.py)`", cells[1]))
+        rows[folder] = set(re.findall(r"`([\w/]+\.py)`", cells[2]))
     return rows
 
 

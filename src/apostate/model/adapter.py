@@ -119,9 +119,6 @@ class Adapter:
         for slot in self.slots:
             slot.zero()
 
-    def is_zero(self) -> bool:
-        return not self.edited_layers()
-
     def edited_layers(self) -> set[int]:
         """Decoder layers with a writer whose slot holds a nonzero edit."""
         return {slot.writer.layer for slot in self.slots if slot.module.lora_B[ADAPTER].weight.any()}

@@ -147,7 +147,7 @@ def _stacked_writers(index: int, path: str, name: str, module: nn.Module, hidden
     for param_name, param in module.named_parameters(recurse=False):
         if param.dim() != 3 or param_name not in MLP_LEAVES:
             continue
-        out_dim = 2 if getattr(module, "is_transposed", False) else 1
+        out_dim = stacked_output_dim(module)
         if param.shape[out_dim] != hidden_size:
             continue
         found.append(ResidualWriter(index, "mlp", path, param_name))

@@ -45,3 +45,31 @@ def test_dropped_checkpoint_pages_come_back_intact(tmp_path):
         assert checkpoint_mappings()  # still mapped: the views stay valid
         assert torch.equal(reference(input_ids=ids).logits, expected)  # its pages came back from the file
         assert torch.equal(loaded.model(input_ids=ids).logits, loaded_before)
+
+
+def test_a_dtype_that_does_not_work_is_skipped_but_a_bug_surfaces_as_itself(tmp_path, monkeypatch):
+    from apostate.model import loading
+
+    folder = tiny_model_folder(tmp_path / "tiny", layers=1)
+    settings = parse_command_line([str(folder), "--dtypes", "bfloat16", "--dtypes", "float32"])
+    source = resolve_source(settings.model, None, settings.cache_path())
+    test_generation = loading._test_generation
+
+    def refuse_bfloat16(model, tokenizer):
+        if model.dtype == torch.bfloat16:
+            raise ValueError("the test generation produced non-finite logits")
+        test_generation(model, tokenizer)
+
+    monkeypatch.setattr(loading, "_test_generation", refuse_bfloat16)
+    assert load_model(source, settings).dtype == torch.float32  # bfloat16 did not work: the next dtype
+
+    def bug(*args):
+        raise KeyError("a bug in our own code")
+
+    monkeypatch.setattr(loading, "_test_generation", bug)
+    with pytest.raises(KeyError, match="a bug in our own code"):
+        load_model(source, settings)  # not "could not load with any dtype"
+    monkeypatch.setattr(loading, "_test_generation", test_generation)
+    monkeypatch.setattr(loading, "_contiguous_head_input", bug)
+    with pytest.raises(KeyError, match="a bug in our own code"):
+        load_model(source, settings)

@@ -87,5 +87,5 @@ def test_slots_write_exactly_the_requested_edit_and_reset_exactly(architecture_n
             parameter += slot.delta()
         assert torch.allclose(adapter.model(ids).logits, reference(ids).logits, atol=1e-4)
         adapter.reset()
-        assert adapter.is_zero()
+        assert not adapter.edited_layers()
         assert torch.equal(adapter.model(ids).logits, base_logits)
