@@ -24,7 +24,7 @@ def exported_kl(base_folder, output, run_dir, flags: list[str], subset: str = "e
     base = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
     exported = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
     settings = parse_command_line([str(base_folder), *flags])
-    prefix = torch.load(run_dir / "startup.pt", weights_only=False)["startup"].response_prefix
+    prefix = torch.load(run_dir / "startup.pt", weights_only=True)["startup"]["response_prefix"]
     texts = Texts(tokenizer, settings, load_prompt_splits(settings), prefix).of("harmless", subset)
     prompts = PromptSet(tokenizer, texts, 8, "cpu")
     return kl_divergence(prompts.first_token_logprobs(base), prompts.first_token_logprobs(exported))

@@ -244,3 +244,22 @@ def test_routed_linear_layers_are_restored_when_the_run_fails(model_dir, tmp_pat
         main([str(model_dir), "--run-dir", str(tmp_path / "run"), "--n-trials", "2", "--headless", *SMALL])
     linear = [m for m in sessions[0].model.modules() if isinstance(m, torch.nn.Linear)]
     assert linear and not any("forward" in vars(module) for module in linear)
+
+
+def test_startup_cache_is_plain_data_and_an_old_or_damaged_one_is_measured_again(tmp_path):
+    import dataclasses
+
+    from apostate.search.startup import CACHE_VERSION, Startup, read_startup
+
+    startup = Startup(4, "", torch.zeros(3, 8), torch.zeros(2, 5), 1, [[1, 2], []], {"residuals": 1.5})
+    cache, key = tmp_path / "startup.pt", {"fingerprint": {"a": 1}, "dtype": "torch.float32", "batch_size": 0}
+    torch.save({"key": key, "version": CACHE_VERSION, "startup": dataclasses.asdict(startup)}, cache)
+    again = read_startup(cache, key)
+    assert (
+        again is not None and again.base_responses == [[1, 2], []] and torch.equal(again.directions, startup.directions)
+    )
+    assert read_startup(cache, {**key, "batch_size": 8}) is None  # measured for other settings
+    torch.save({"key": key, "version": CACHE_VERSION, "startup": startup}, cache)  # a pickled object, as before
+    assert read_startup(cache, key) is None
+    cache.write_bytes(b"\x80\x04 not a checkpoint")
+    assert read_startup(cache, key) is None

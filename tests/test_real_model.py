@@ -34,7 +34,7 @@ def test_exported_demo_model_refuses_fewer_heldout_prompts(tmp_path):
 
     # Score base and export on the held-out prompts, loading both with plain transformers.
     settings = parse_command_line(["demo", *FLAGS])
-    prefix = torch.load(run_dir / "startup.pt", weights_only=False)["startup"].response_prefix
+    prefix = torch.load(run_dir / "startup.pt", weights_only=True)["startup"]["response_prefix"]
     tokenizer = AutoTokenizer.from_pretrained(output, padding_side="left")
     texts = Texts(tokenizer, settings, load_prompt_splits(settings), prefix)
     scorer = build_scorer(tokenizer, torch.device("cpu"), None, settings, 30, texts, subset="heldout")

@@ -135,10 +135,6 @@ class PromptState:
     keys: list[torch.Tensor]  # per layer (heads, prompt tokens, head dim), prefix included
     values: list[torch.Tensor]
 
-    @property
-    def length(self) -> int:
-        return self.keys[0].shape[1]
-
 
 @torch.inference_mode()
 def prefill(model, shared: SharedPrefix, prefix_cache, passes: PromptPasses) -> dict[int, PromptState]:

@@ -72,7 +72,7 @@ class ResponsePool:
     """Earlier responses (token ids) per prompt, to draft from.
 
     Each response is tagged with a signature of the model that wrote it (its first-token
-    log-probabilities on the KL prompts, see Scorer). Drafts come first from the responses
+    log-probabilities on the KL prompts, see PromptSet). Drafts come first from the responses
     of the model nearest to the current one: nearby trials write nearly the same text.
     Without signatures, newest first.
     """

@@ -1,1 +1,2 @@
-"""directions"""
+"""Refusal directions: mean residuals at the last prompt token for harmless and harmful
+prompts (residuals), and per layer their normalized difference (refusal)."""

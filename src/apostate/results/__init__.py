@@ -1,1 +1,2 @@
-"""results"""
+"""After the search: pick a trial and act on it (actions): export it merged or as an adapter
+(export, merge), score it on the held-out prompts, or chat with it (chat)."""

@@ -3,9 +3,10 @@ directions, and the base model's scores. Cached in the run folder, so a resumed 
 
 from __future__ import annotations
 
+import pickle
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from ..scoring.calibration import PREFIX_SAMPLE, detect_response_prefix, find_ba
 from ..settings import Settings
 
 CACHE_FILE = "startup.pt"
-CACHE_VERSION = 2  # raised whenever Startup changes, so older caches are measured again
+CACHE_VERSION = 3  # raised whenever Startup changes, so older caches are measured again
 
 
 @dataclass
@@ -61,11 +62,10 @@ def prepare(
 ) -> Startup:
     """Measure (or reload from the run folder) what the trials need."""
     cache = run_dir / CACHE_FILE
-    if cache.is_file():
-        stored = torch.load(cache, weights_only=False)
-        if stored.get("key") == key and stored.get("version") == CACHE_VERSION:
-            console.print("Reusing start-up measurements from the run folder.")
-            return stored["startup"]
+    stored = read_startup(cache, key)
+    if stored is not None:
+        console.print("Reusing start-up measurements from the run folder.")
+        return stored
     seconds: dict[str, float] = {}
     with _timed(seconds, "batch_size"):
         batch_size = _batch_size(model, tokenizer, device, kernels, settings, prompts)
@@ -82,8 +82,25 @@ def prepare(
     startup = Startup(
         batch_size, prefix, directions, scorer.base_logprobs, base.refusals, scorer.base_responses(), seconds
     )
-    torch.save({"key": key, "version": CACHE_VERSION, "startup": startup}, cache)
+    torch.save({"key": key, "version": CACHE_VERSION, "startup": asdict(startup)}, cache)
     return startup
+
+
+def read_startup(cache: Path, key: dict) -> Startup | None:
+    """The start-up measurements kept in the run folder, if they were made for `key`.
+
+    Read as plain data (weights_only: no pickled objects), so a cache written by another
+    version of apostate, or a damaged one, is measured again rather than trusted.
+    """
+    if not cache.is_file():
+        return None
+    try:
+        stored = torch.load(cache, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError):  # older format (pickled objects), or damaged
+        return None
+    if not isinstance(stored, dict) or stored.get("key") != key or stored.get("version") != CACHE_VERSION:
+        return None
+    return Startup(**stored["startup"])
 
 
 @contextmanager

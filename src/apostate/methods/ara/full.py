@@ -2,7 +2,7 @@
 
 Each selected residual writer W gets an edit of any rank, W' = W + ΔW, fitted by LBFGS so
 that its last-position outputs for harmless prompts stay put while those for harmful prompts
-move toward the harmless outputs and away from their own (objective: ara_objective).
+move toward the harmless outputs and away from their own (objective: objective.py).
 ΔW = C Q, where Q (k × in) spans the captured inputs: only C (out × k) is optimized.
 
 The edit is written into the model's weights in place; the originals are kept in memory

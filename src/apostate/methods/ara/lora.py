@@ -1,6 +1,6 @@
 """Arbitrary-Rank Ablation optimized as LoRA factors ("ARA, but it's LoRA").
 
-The same objective as `ara` (see ara_objective), but the edit is ΔW = B A of a fixed rank r
+The same objective as `ara` (see objective.py), but the edit is ΔW = B A of a fixed rank r
 and LBFGS optimizes A and B directly. A = A' Q with Q (k × in) spanning the captured inputs,
 so the edit never touches input directions the fit has not seen. A' starts from a fixed
 random draw per module (the same in every trial, so results do not depend on trial order),

@@ -1,5 +1,5 @@
 """What the two forms of Arbitrary-Rank Ablation share: trial parameters, the layer range,
-and fitting every selected module (see ara_objective for the objective)."""
+and fitting every selected module (see objective.py for the objective)."""
 
 from __future__ import annotations
 
