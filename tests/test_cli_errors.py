@@ -101,3 +101,9 @@ def test_bitsandbytes_8bit_is_refused_at_start(tmp_path, capsys, model_dir):
     line = single_error_line(capsys, code)
     assert "8-bit is not supported" in line and "bnb_4bit" in line
     assert not (tmp_path / "run").exists()  # refused before anything was started
+
+
+def test_evaluating_without_heldout_prompts(tmp_path, capsys, model_dir):
+    code = main([str(model_dir), "--run-dir", str(tmp_path / "run"), "--dtypes", "float32",
+                 "--evaluate-model", str(model_dir), "--harmless.heldout-count", "0"])  # fmt: skip
+    assert "no held-out prompts" in single_error_line(capsys, code)

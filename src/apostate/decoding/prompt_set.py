@@ -46,13 +46,15 @@ class PromptSet:
         reuse_responses: bool = False,
         nearness: PromptSet | None = None,
     ):
+        if not texts:
+            raise ValueError("a PromptSet needs at least one text")
         self.tokenizer = tokenizer
         self.texts = texts
         self.batch_size = batch_size
         self.device = device
         self.kernels = kernels
-        self.shared = SharedPrefix.of(tokenizer, texts) if texts else None
-        self.order = sorted(range(len(texts)), key=lambda i: len(self.shared.suffixes[i])) if texts else []
+        self.shared = SharedPrefix.of(tokenizer, texts)
+        self.order = sorted(range(len(texts)), key=lambda i: len(self.shared.suffixes[i]))  # little padding
         # Passes given the layers an edit changed record the unchanged ones; later passes replay them.
         self.replays = {False: LayerReplay(with_cache=False), True: LayerReplay(with_cache=True)}
         self.pool = ResponsePool(len(texts)) if reuse_responses else None  # earlier responses, as drafts
@@ -68,8 +70,9 @@ class PromptSet:
     def first_token_logprobs(self, model, edited_layers: set[int] | None = None) -> torch.Tensor:
         """(texts, vocab) log-probabilities of each text's first response token, float32 on the CPU.
 
-        `edited_layers`: the decoder layers where the model differs from the one earlier passes ran
-        (None: unknown, nothing is replayed; an empty set: none differs).
+        `edited_layers`: the decoder layers where the model differs from the base model (None:
+        unknown, every layer runs; an empty set: none differs). The layers below the first edited
+        one are replayed from earlier passes where recorded, and recorded where not.
         """
         prefix_cache = self.shared.cache(model, self.device)
         if prefix_cache is None:

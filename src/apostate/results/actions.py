@@ -133,8 +133,7 @@ def _summary(session, trial) -> TrialSummary:
 
 def evaluate_heldout(session, trial) -> Scores:
     """Refusals and KL of a trial on the held-out prompts (never seen by the search)."""
-    if not session.texts.of("harmful", "heldout"):
-        raise ApostateError("there are no held-out prompts (heldout_count is 0)")
+    _require_heldout(session.texts)
     loaded = session.loaded
     args = (session.kernels, session.settings, session.startup.batch_size, session.texts)
     scorer = build_scorer(loaded.tokenizer, loaded.device, *args, subset="heldout")
@@ -148,6 +147,11 @@ def evaluate_heldout(session, trial) -> Scores:
         {"refusals": scores.refusals, "total": scores.total, "kl": scores.kl, "base_refusals": base.refusals},
     )
     return scores
+
+
+def _require_heldout(texts: Texts) -> None:
+    if not texts.of("harmful", "heldout") or not texts.of("harmless", "heldout"):
+        raise ApostateError("there are no held-out prompts (harmless or harmful heldout_count is 0); raise it")
 
 
 def _print_comparison(label: str, base: Scores, scores: Scores) -> None:
@@ -167,6 +171,7 @@ def evaluate_other_model(settings, source) -> int:
     prompts = load_prompt_splits(settings)
     tokenizer = load_tokenizer(source, settings)
     texts = Texts(tokenizer, settings, prompts, settings.response_prefix or "")
+    _require_heldout(texts)
     batch_size = settings.batch_size or 8
     kernels = CpuKernels()  # one for both models: each weight shape is timed once
     loaded = load_for_trials(source, settings, tokenizer, kernels)
