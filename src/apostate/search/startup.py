@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pickle
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -95,7 +96,9 @@ def read_startup(cache: Path, key: dict) -> Startup | None:
     if not cache.is_file():
         return None
     try:
-        stored = torch.load(cache, weights_only=True)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it then rejects
+            warnings.simplefilter("ignore", UserWarning)
+            stored = torch.load(cache, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError):  # older format (pickled objects), or damaged
         return None
     if not isinstance(stored, dict) or stored.get("key") != key or stored.get("version") != CACHE_VERSION:
