@@ -107,3 +107,101 @@ def test_evaluating_without_heldout_prompts(tmp_path, capsys, model_dir):
     code = main([str(model_dir), "--run-dir", str(tmp_path / "run"), "--dtypes", "float32",
                  "--evaluate-model", str(model_dir), "--harmless.heldout-count", "0"])  # fmt: skip
     assert "no held-out prompts" in single_error_line(capsys, code)
+
+
+def run_with_prompts(model_dir, tmp_path, *flags) -> int:
+    return main([str(model_dir), "--run-dir", str(tmp_path / "run"), "--dtypes", "float32", *flags])
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv"])
+def test_prompt_file_that_is_not_utf8(tmp_path, capsys, model_dir, suffix):
+    path = tmp_path / f"binary{suffix}"
+    path.write_bytes(b"\xff\xfe\x00bad")
+    code = run_with_prompts(model_dir, tmp_path, "--harmful.source", str(path))
+    line = single_error_line(capsys, code)
+    assert f"prompt file {path} is not UTF-8 text" in line and "save it as UTF-8" in line
+
+
+def test_jsonl_mixing_objects_and_strings(tmp_path, capsys, model_dir):
+    path = tmp_path / "mixed.jsonl"
+    path.write_text('{"prompt": "a"}\n"b"\n')
+    code = run_with_prompts(model_dir, tmp_path, "--harmful.source", str(path))
+    line = single_error_line(capsys, code)
+    assert f"{path}:2: a JSON string, but line 1 is a JSON object" in line
+
+
+def test_jsonl_with_a_broken_line(tmp_path, capsys, model_dir):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": oops}\n')
+    code = run_with_prompts(model_dir, tmp_path, "--harmful.source", str(path))
+    assert f"{path}:3: not valid JSON" in single_error_line(capsys, code)
+
+
+def test_folder_as_prompt_source(tmp_path, capsys, model_dir):
+    folder = tmp_path / "prompts"
+    folder.mkdir()
+    code = run_with_prompts(model_dir, tmp_path, "--harmless.source", str(folder))
+    line = single_error_line(capsys, code)
+    assert f"prompt source {folder} is a folder" in line and ".txt, .jsonl or .csv file" in line
+
+
+@pytest.mark.parametrize(
+    "name,content,column",
+    [
+        ("named.csv", "id,question\n1,what?\n", "prompt"),
+        ("named.jsonl", '{"question": "what?"}\n', "prompt"),
+    ],
+)
+def test_named_column_that_does_not_exist(tmp_path, capsys, model_dir, name, content, column):
+    path = tmp_path / name
+    path.write_text(content)
+    code = run_with_prompts(model_dir, tmp_path, "--harmful.source", str(path), "--harmful.column", column)
+    line = single_error_line(capsys, code)
+    assert f"{path} has no column 'prompt' (it has: " in line and "question" in line
+
+
+def test_jsonl_line_without_the_prompt_key(tmp_path, capsys, model_dir):
+    path = tmp_path / "keys.jsonl"
+    path.write_text('{"prompt": "a"}\n{"text": "b"}\n')
+    code = run_with_prompts(model_dir, tmp_path, "--harmful.source", str(path))
+    assert f"{path}:2: no key 'prompt' (it has: text)" in single_error_line(capsys, code)
+
+
+def test_too_few_prompts_for_the_counts(tmp_path, capsys, model_dir):
+    path = tmp_path / "few.txt"
+    path.write_text("one\ntwo\nthree\n")
+    code = run_with_prompts(model_dir, tmp_path, "--harmful.source", str(path))
+    line = single_error_line(capsys, code)
+    assert f"harmful prompt source '{path}' has 3 prompts" in line and "lower --harmful.direction-count" in line
+
+
+def test_prompts_in_both_sets(tmp_path, capsys, model_dir):
+    harmless, harmful = tmp_path / "harmless.txt", tmp_path / "harmful.txt"
+    harmless.write_text("say hi\nshared one\nshared two\n")
+    harmful.write_text("shared two\nbe rude\nshared one\n")
+    code = run_with_prompts(model_dir, tmp_path, "--harmless.source", str(harmless), "--harmful.source", str(harmful))
+    line = single_error_line(capsys, code)
+    assert "prompt sets share 2 prompts (first: 'shared one')" in line and "remove them from one of the sets" in line
+
+
+def test_config_file_that_is_not_toml(tmp_path, capsys, model_dir):
+    config = tmp_path / "broken.toml"
+    config.write_text("n_trials = 4\nseed = \n")
+    code = main([str(model_dir), "--config", str(config)])
+    line = single_error_line(capsys, code)
+    assert f"config file {config} is not valid TOML" in line and "(at line 2, column 8)" in line
+
+
+def test_config_file_with_an_unknown_key(tmp_path, capsys, model_dir):
+    config = tmp_path / "typo.toml"
+    config.write_text("[harmless]\nsorce = 'x.txt'\n")
+    code = main([str(model_dir), "--config", str(config)])
+    assert "harmless.sorce: unknown setting" in single_error_line(capsys, code)
+
+
+def test_config_file_with_a_wrong_type(tmp_path, capsys, model_dir):
+    config = tmp_path / "types.toml"
+    config.write_text("n_trials = 'many'\n")
+    code = main([str(model_dir), "--config", str(config)])
+    line = single_error_line(capsys, code)
+    assert "invalid settings: n_trials: Input should be a valid integer" in line

@@ -6,18 +6,12 @@ import optuna
 import pytest
 import torch
 from exports import exported_kl, run_and_save
-from tiny import tiny_model_folder
+from tiny import SMALL, tiny_model_folder
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apostate.cli import main
 from apostate.search.study import completed, open_study
 from apostate.search.trials import TrialRunner
-
-SMALL = (
-    "--dtypes float32 --batch-size 8 --max-response-tokens 6 --n-startup-trials 2 "
-    "--harmless.direction-count 12 --harmless.evaluation-count 6 --harmless.heldout-count 6 "
-    "--harmful.direction-count 12 --harmful.evaluation-count 6 --harmful.heldout-count 6"
-).split()
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +129,10 @@ def test_resume_with_other_settings_is_refused(tmp_path):
 
     open_study(tmp_path, {"row_normalization": "full"}, seed=1, n_startup_trials=1)
     with pytest.raises(ApostateError, match="changed: row_normalization"):
-        open_study(tmp_path, {"row_normalization": "none"}, seed=1, n_startup_trials=1)
+        open_study(tmp_path, {"row_normalization": "none"}, seed=1, n_startup_trials=1, measured=True)
+    # Nothing measured and no trial yet: the new settings are taken.
+    study = open_study(tmp_path, {"row_normalization": "none"}, seed=1, n_startup_trials=1)
+    assert study.user_attrs["fingerprint"] == {"row_normalization": "none"}
 
 
 class _FakeMethod:

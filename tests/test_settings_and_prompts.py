@@ -8,7 +8,7 @@ from pydantic import ValidationError
 
 from apostate.config_file import render_default_config
 from apostate.errors import ApostateError
-from apostate.prompts import load_prompts, split_prompts
+from apostate.prompts import load_prompt_splits, load_prompts, split_prompts
 from apostate.settings import PromptSetSpec, Settings, parse_command_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,6 +158,11 @@ def test_local_prompt_formats(tmp_path):
         ("\n\n", ".txt", "holds no prompts"),
         ('{"x": 1}\n', ".jsonl", "none of the columns"),
         ("{oops\n", ".jsonl", "not valid JSON"),
+        ('{"prompt": "a"}\n"b"\n', ".jsonl", ":2: a JSON string, but line 1 is a JSON object"),
+        ('"a"\n{"prompt": "b"}\n', ".jsonl", ":2: a JSON object, but line 1 is a JSON string"),
+        ('"a"\n[1]\n', ".jsonl", ":2: a JSON array; every line must be a JSON object or a JSON string"),
+        ('{"prompt": "a"}\n{"text": "b"}\n', ".jsonl", ":2: no key 'prompt'"),
+        ("id,body\n1,what?\n", ".csv", "none of the columns"),
     ],
 )
 def test_bad_prompt_files_are_clear_errors(tmp_path, content, suffix, message):
@@ -165,6 +170,49 @@ def test_bad_prompt_files_are_clear_errors(tmp_path, content, suffix, message):
     path.write_text(content)
     with pytest.raises(ApostateError, match=message):
         load_prompts(spec(path))
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".csv"])
+def test_prompt_file_that_is_not_utf8(tmp_path, suffix):
+    path = tmp_path / f"binary{suffix}"
+    path.write_bytes(b"ok\n\xff\xfe\x00bad")
+    with pytest.raises(ApostateError, match=r"is not UTF-8 text \(byte 0xff on line 2\); save it as UTF-8"):
+        load_prompts(spec(path))
+
+
+def test_prompt_file_with_a_byte_order_mark(tmp_path):
+    (tmp_path / "bom.csv").write_bytes("prompt,id\nwhat?,1\n".encode("utf-8-sig"))
+    assert load_prompts(spec(tmp_path / "bom.csv")) == ["what?"]
+
+
+def test_folder_is_not_a_prompt_file(tmp_path):
+    with pytest.raises(ApostateError, match="is a folder; give a .txt, .jsonl or .csv file"):
+        load_prompts(spec(tmp_path))
+
+
+def test_prompts_in_both_sets_are_an_error(tmp_path):
+    (tmp_path / "a.txt").write_text("\n".join(f"harmless {i}" for i in range(20)) + "\nboth\n")
+    (tmp_path / "b.txt").write_text("both\n" + "\n".join(f"harmful {i}" for i in range(20)))
+    counts = {"direction_count": 5, "evaluation_count": 5, "heldout_count": 0}
+    settings = Settings(
+        model="x", config=None, harmless=spec(tmp_path / "a.txt", **counts), harmful=spec(tmp_path / "b.txt", **counts)
+    )
+    with pytest.raises(ApostateError, match=r"share 1 prompt \(first: 'both'\)"):
+        load_prompt_splits(settings)
+    (tmp_path / "b.txt").write_text("\n".join(f"harmful {i}" for i in range(20)))
+    assert len(load_prompt_splits(settings).harmful.direction) == 5
+
+
+def test_config_file_that_is_not_toml_names_the_file(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text("[harmless\n")
+    with pytest.raises(ApostateError, match=r"config file .*run.toml is not valid TOML: .*\(at line 1, column 10\)"):
+        Settings(model="x", config=config)
+    with pytest.raises(ApostateError, match="run.toml is not valid TOML"):
+        parse_command_line(["x", "--config", str(config)])
+    config.write_bytes(b"n_trials = '\xff'\n")
+    with pytest.raises(ApostateError, match="run.toml is not UTF-8 text"):
+        Settings(model="x", config=config)
 
 
 def test_missing_prompt_file(tmp_path):

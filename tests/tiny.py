@@ -68,3 +68,11 @@ def tiny_model_folder(
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# Settings for a fast run on a tiny model: a few prompts, short responses.
+SMALL = (
+    "--dtypes float32 --batch-size 8 --max-response-tokens 6 --n-startup-trials 2 "
+    "--harmless.direction-count 12 --harmless.evaluation-count 6 --harmless.heldout-count 6 "
+    "--harmful.direction-count 12 --harmful.evaluation-count 6 --harmful.heldout-count 6"
+).split()

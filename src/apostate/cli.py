@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = parse_command_line(argv)
     except ValidationError as error:
         return _fail(console, "invalid settings: " + _validation_summary(error))
+    except ApostateError as error:  # a config file that does not parse
+        return _fail(console, str(error), error.exit_code)
     except (FileNotFoundError, ValueError) as error:
         return _fail(console, str(error))
 
@@ -46,7 +48,10 @@ def _validation_summary(error) -> str:
     parts = []
     for item in error.errors():
         location = ".".join(str(part) for part in item["loc"]) or "settings"
-        parts.append(f"{location}: {item['msg']}")
+        if item["type"] == "extra_forbidden":
+            parts.append(f"{location}: unknown setting (check its spelling; apostate --help lists them all)")
+        else:
+            parts.append(f"{location}: {item['msg']}")
     return "; ".join(parts)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import optuna
 
 from .decoding import CpuKernels
+from .errors import ApostateError
 from .methods import Method, method_class
 from .methods.ara.captures import capture_for_fitting
 from .methods.context import MethodContext
@@ -19,10 +20,11 @@ from .model.sources import ModelSource, resolve_source
 from .monitor import PhaseMonitor, median_trial_phases
 from .progress import console
 from .prompts import PromptSplits, Texts, load_prompt_splits
+from .results import export
 from .scoring import Scorer, build_scorer
 from .search.pareto import BaseScores, plot_front, print_front, write_pareto
-from .search.startup import Startup, load_for_trials, prepare
-from .search.study import completed, lock_run_dir, open_study
+from .search.startup import CACHE_FILE, Startup, load_for_trials, prepare
+from .search.study import JOURNAL, completed, finished, lock_run_dir, open_study
 from .search.trials import TrialRunner, run_trials
 from .settings import Settings
 
@@ -77,8 +79,12 @@ def run(settings: Settings) -> int:
             from .results.actions import evaluate_other_model
 
             return evaluate_other_model(settings, source)
+        study = _open_run_study(settings, source, run_dir)
+        if settings.show_results:
+            return show_stored_results(study, run_dir, source.name)
+        _check_before_loading(settings, study)
         monitor = PhaseMonitor()
-        session = start_session(settings, source, run_dir, monitor)
+        session = start_session(settings, source, run_dir, monitor, study)
         return _search_and_act(session, monitor)
     finally:
         if session is not None:
@@ -86,30 +92,65 @@ def run(settings: Settings) -> int:
         lock.close()
 
 
+def _open_run_study(settings: Settings, source: ModelSource, run_dir: Path) -> optuna.Study:
+    console.print(f"Run folder: [bold]{run_dir}[/]")
+    if settings.show_results and not (run_dir / JOURNAL).is_file():
+        raise ApostateError(f"run folder {run_dir} holds no study yet; run without --show-results first")
+    fingerprint = settings.measurement_fingerprint(source.name)
+    measured = (run_dir / CACHE_FILE).is_file()
+    return open_study(run_dir, fingerprint, settings.seed, settings.n_startup_trials, measured)
+
+
+def _check_before_loading(settings: Settings, study: optuna.Study) -> None:
+    """Refuse what would fail only after the model is loaded: an output path that is a file, a
+    --trial that is not (and will not become) a finished trial of this run."""
+    if settings.output_dir is not None:
+        export.check_output_dir(settings.output_dir)
+    if settings.trial is None or settings.trial in {t.number for t in completed(study)}:
+        return
+    if len(finished(study)) >= settings.n_trials:  # no trial left to run that could become it
+        numbers = ", ".join(str(t.number) for t in completed(study)) or "none"
+        raise ApostateError(
+            f"trial {settings.trial} is not a finished trial of this run (finished: {numbers}); "
+            "pick one of them, or raise --n-trials"
+        )
+
+
+def show_stored_results(study: optuna.Study, run_dir: Path, model_name: str) -> int:
+    """--show-results: the front from the run folder's journal; no model is loaded, nothing is run."""
+    scored = completed(study)
+    if not scored:
+        console.print("No finished trials yet.")
+        return 0
+    base = BaseScores(study.user_attrs.get("base_refusals", 0), scored[0].user_attrs["total"])
+    _write_front(study, run_dir, base, model_name)
+    return 0
+
+
 def _search_and_act(session: Session, monitor: PhaseMonitor) -> int:
     settings = session.settings
-    finished = True
-    if not settings.show_results:
-        runner = TrialRunner(session.method, session.scorer, session.model, settings.kl_cutoff)
-        with monitor.phase("trials"):
-            finished = run_trials(session.study, runner, settings.n_trials, lambda study: _save_front(session))
+    runner = TrialRunner(session.method, session.scorer, session.model, settings.kl_cutoff)
+    with monitor.phase("trials"):
+        done = run_trials(session.study, runner, settings.n_trials, lambda study: _save_front(session))
     if not completed(session.study):
         console.print("No finished trials yet.")
-        return 0 if finished else 130
+        return 0 if done else 130
     show_results(session)
-    if finished:
+    if done:
         from .results.actions import act
 
         chosen = ", ".join(settings.actions or ["none"]) if settings.headless else "interactive"
         with monitor.phase(f"chosen trial: {chosen}"):
             act(session)
     _report_phases(session, monitor)
-    return 0 if finished else 130
+    return 0 if done else 130
 
 
-def start_session(settings: Settings, source: ModelSource, run_dir: Path, monitor: PhaseMonitor) -> Session:
-    console.print(f"Run folder: [bold]{run_dir}[/]")
-    study = open_study(run_dir, settings.measurement_fingerprint(source.name), settings.seed, settings.n_startup_trials)
+def start_session(
+    settings: Settings, source: ModelSource, run_dir: Path, monitor: PhaseMonitor, study: optuna.Study | None = None
+) -> Session:
+    """Load the model and measure what its trials need; `study`: the run folder's, opened already."""
+    study = study or _open_run_study(settings, source, run_dir)
     prompts: PromptSplits = load_prompt_splits(settings)
     console.print(f"Loading model [bold]{source.name}[/]...")
     method_type = method_class(settings.method)
@@ -174,7 +215,11 @@ def _save_front(session: Session) -> None:
 
 
 def show_results(session: Session) -> None:
-    _save_front(session)
-    print_front(session.study, session.base)
-    plot = plot_front(session.study, session.base, session.run_dir / "pareto.png")
-    console.print(f"Pareto front saved to {session.run_dir / 'pareto.json'} and {plot}")
+    _write_front(session.study, session.run_dir, session.base, session.source.name)
+
+
+def _write_front(study: optuna.Study, run_dir: Path, base: BaseScores, model_name: str) -> None:
+    write_pareto(study, run_dir, base, model_name)
+    print_front(study, base)
+    plot = plot_front(study, base, run_dir / "pareto.png")
+    console.print(f"Pareto front saved to {run_dir / 'pareto.json'} and {plot}")

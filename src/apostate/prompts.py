@@ -34,9 +34,26 @@ class PromptSplits:
 
 
 def load_prompt_splits(settings: Settings) -> PromptSplits:
+    harmless = load_prompts(settings.harmless)
+    harmful = load_prompts(settings.harmful)
+    _refuse_shared_prompts(harmless, harmful, settings)
     return PromptSplits(
-        harmless=split_prompts(load_prompts(settings.harmless), settings.harmless),
-        harmful=split_prompts(load_prompts(settings.harmful), settings.harmful),
+        harmless=split_prompts(harmless, settings.harmless, "harmless"),
+        harmful=split_prompts(harmful, settings.harmful, "harmful"),
+    )
+
+
+def _refuse_shared_prompts(harmless: list[str], harmful: list[str], settings: Settings) -> None:
+    """A prompt in both sets would pull the harmless and harmful means together: a user error, not data."""
+    harmful_set = set(harmful)
+    shared = [prompt for prompt in harmless if prompt in harmful_set]
+    if not shared:
+        return
+    first = shared[0] if len(shared[0]) <= 80 else shared[0][:77] + "..."
+    raise ApostateError(
+        f"the harmless ('{settings.harmless.source}') and harmful ('{settings.harmful.source}') prompt sets "
+        f"share {len(shared)} prompt{'s' if len(shared) != 1 else ''} (first: {first!r}); "
+        "remove them from one of the sets"
     )
 
 
@@ -72,13 +89,17 @@ def load_prompts(spec: PromptSetSpec) -> list[str]:
     return [spec.prefix + p + spec.suffix for p in unique]
 
 
-def split_prompts(prompts: list[str], spec: PromptSetSpec) -> PromptSplit:
-    """Shuffle with the spec's seed, then cut direction / evaluation / held-out slices."""
+def split_prompts(prompts: list[str], spec: PromptSetSpec, side: str | None = None) -> PromptSplit:
+    """Shuffle with the spec's seed, then cut direction / evaluation / held-out slices.
+
+    `side`: harmless or harmful, to name its settings in an error."""
     needed = spec.direction_count + spec.evaluation_count + spec.heldout_count
     if needed > len(prompts):
+        named = f"{side} prompt source" if side else "prompt source"
+        counts = f"--{side}.direction-count / evaluation-count / heldout-count" if side else "the counts"
         raise ApostateError(
-            f"prompt source '{spec.source}' has {len(prompts)} prompts, but direction_count + "
-            f"evaluation_count + heldout_count = {needed}; lower the counts or add prompts"
+            f"{named} '{spec.source}' has {len(prompts)} prompts, but direction_count + "
+            f"evaluation_count + heldout_count = {needed}; lower {counts} or add prompts"
         )
     shuffled = list(prompts)
     random.Random(spec.shuffle_seed).shuffle(shuffled)
@@ -99,37 +120,96 @@ def _read_bundled(name: str) -> list[str]:
 
 
 def _read_local(path: Path, column: str | None) -> list[str]:
+    if path.is_dir():
+        raise ApostateError(
+            f"prompt source {path} is a folder; give a .txt, .jsonl or .csv file, "
+            "a bundled set (bundled:harmless, bundled:harmful) or a Hugging Face dataset id"
+        )
     if not path.is_file():
         raise ApostateError(f"prompt file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    text = _read_text(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ApostateError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-        return _column_values(rows, column, str(path))
+        return _jsonl_values(text, column, path)
     if suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        try:
+            rows = list(csv.DictReader(text.splitlines()))
+        except csv.Error as error:
+            raise ApostateError(f"{path}: not valid CSV ({error}); save it as CSV with a header line") from None
         return _column_values(rows, column, str(path))
     return text.splitlines()
 
 
-def _column_values(rows: list, column: str | None, where: str) -> list[str]:
-    """The prompt column of rows (dicts), or the rows themselves when they are strings."""
-    if all(isinstance(row, str) for row in rows):
-        return rows
-    if not rows:
-        return []
-    keys = rows[0].keys() if isinstance(rows[0], dict) else []
+def _read_text(path: Path) -> str:
+    """The file's text, as UTF-8 (a byte-order mark is dropped); anything else is one clear line."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ApostateError(f"cannot read prompt file {path}: {error.strerror or first_line(error)}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise ApostateError(
+            f"prompt file {path} is not UTF-8 text (byte 0x{data[error.start]:02x} on line {line}); "
+            "save it as UTF-8 text"
+        ) from None
+
+
+def _jsonl_values(text: str, column: str | None, path: Path) -> list[str]:
+    """The prompts of a .jsonl file: every line a JSON string, or every line a JSON object."""
+    rows: list[tuple[int, str | dict]] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ApostateError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno})") from None
+        if not isinstance(row, (str, dict)):
+            raise ApostateError(
+                f"{path}:{number}: a JSON {_json_kind(row)}; every line must be a JSON object or a JSON string"
+            )
+        if rows and type(row) is not type(rows[0][1]):
+            first_number, first = rows[0]
+            raise ApostateError(
+                f"{path}:{number}: a JSON {_json_kind(row)}, but line {first_number} is a JSON "
+                f"{_json_kind(first)}; make every line a JSON object or every line a JSON string"
+            )
+        rows.append((number, row))
+    if not rows or isinstance(rows[0][1], str):
+        return [row for _, row in rows]
+    name = _prompt_column(rows[0][1].keys(), column, str(path))
+    for number, row in rows:
+        if name not in row:
+            raise ApostateError(
+                f"{path}:{number}: no key '{name}' (it has: {', '.join(row) or 'none'}); every line needs '{name}'"
+            )
+    return [str(row[name] or "") for _, row in rows]
+
+
+def _json_kind(value) -> str:
+    kinds = {str: "string", dict: "object", list: "array", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _prompt_column(keys, column: str | None, where: str) -> str:
+    """The named column, else the first of PROMPT_COLUMNS present; one clear line when there is none."""
+    keys = list(keys)
     name = column or next((c for c in PROMPT_COLUMNS if c in keys), None)
     if name is None or name not in keys:
         wanted = f"no column '{column}'" if column else f"none of the columns {', '.join(PROMPT_COLUMNS)}"
-        raise ApostateError(f"{where} has {wanted} (it has: {', '.join(map(str, keys))}); set the column")
+        raise ApostateError(
+            f"{where} has {wanted} (it has: {', '.join(map(str, keys))}); set column to the one holding the prompts"
+        )
+    return name
+
+
+def _column_values(rows: list, column: str | None, where: str) -> list[str]:
+    """The prompt column of rows (dicts)."""
+    if not rows:
+        return []
+    name = _prompt_column(rows[0].keys(), column, where)
     return [str(row.get(name) or "") for row in rows]
 
 

@@ -29,6 +29,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from .errors import ApostateError, first_line
 from .methods import METHODS as REGISTERED_METHODS
 from .methods.ara.settings import AraSettings
 from .methods.directional.settings import SearchSpace
@@ -310,7 +311,7 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         toml = chosen_config_file(getattr(init_settings, "init_kwargs", {}))
         if toml is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+            sources.append(_toml_source(settings_cls, toml))
         return tuple(sources)
 
     def measurement_fingerprint(self, model_name: str) -> dict:
@@ -350,6 +351,17 @@ class Settings(BaseSettings):
                 "lower --n-startup-trials or raise --n-trials"
             )
         return self
+
+
+def _toml_source(settings_cls: type[BaseSettings], path: Path) -> TomlConfigSettingsSource:
+    """The TOML file's settings (read here, at once); a file that does not parse is one line naming it."""
+    try:
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    except UnicodeDecodeError:
+        raise ApostateError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
+    except ValueError as error:
+        # tomllib.TOMLDecodeError (tomli's before Python 3.11); its text ends "(at line L, column C)".
+        raise ApostateError(f"config file {path} is not valid TOML: {first_line(error)}; fix it there") from None
 
 
 def parse_command_line(argv: list[str]) -> Settings:

@@ -73,3 +73,16 @@ def test_a_dtype_that_does_not_work_is_skipped_but_a_bug_surfaces_as_itself(tmp_
     monkeypatch.setattr(loading, "_contiguous_head_input", bug)
     with pytest.raises(KeyError, match="a bug in our own code"):
         load_model(source, settings)
+
+
+@pytest.mark.parametrize("cut", ["header", "data"])
+def test_a_cut_short_weight_file_is_named(tmp_path, cut):
+    from apostate.errors import ApostateError
+
+    folder = tiny_model_folder(tmp_path / "tiny", layers=1)
+    shard = folder / "model.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[:40] if cut == "header" else data[: len(data) - 100])
+    settings = parse_command_line([str(folder), "--dtypes", "float32"])
+    with pytest.raises(ApostateError, match=r"model\.safetensors is damaged or cut short"):
+        load_model(resolve_source(settings.model, None, settings.cache_path()), settings)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 
 from ..errors import ApostateError, first_line
 from ..progress import console
@@ -120,7 +120,23 @@ def _from_pretrained(source: ModelSource, settings: Settings, dtype_name: str):
         with releasing_checkpoint_pages():  # quantizing or casting reads every page once
             return AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
     except (OSError, SafetensorError) as error:  # missing or damaged weight files: no dtype would help
-        raise ApostateError(f"cannot read the weights of '{source.name}': {first_line(error)}") from None
+        shard = _unreadable_shard(Path(source.location)) if source.is_local else None
+        where = f"{shard} is damaged or cut short" if shard else first_line(error)
+        raise ApostateError(
+            f"cannot read the weights of '{source.name}': {where}; download or convert the model again"
+        ) from None
+
+
+def _unreadable_shard(folder: Path) -> Path | None:
+    """The first safetensors file of a model folder whose header or data does not hold together."""
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt") as shard:
+                for name in shard.keys():
+                    shard.get_slice(name)
+        except (SafetensorError, OSError):
+            return path
+    return None
 
 
 def _contiguous_head_input(model) -> None:

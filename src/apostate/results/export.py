@@ -1,6 +1,9 @@
 """Export a chosen trial: the merged full model, or the adapter alone, with a model card and
 the exact parameters needed to reproduce it.
 
+Each export is written into a temporary sibling folder and swapped in only once complete, so
+a failure (full disk, Ctrl-C) leaves the previous export where it was and nothing half-written.
+
 The merged model is built from a fresh full-precision copy of the base on the CPU, never
 from the live (possibly quantized) model: each writer gets its edit B @ A added in float32
 and cast back to the checkpoint's dtype, so the saved weights are the weights that were scored.
@@ -8,15 +11,21 @@ and cast back to the checkpoint's dtype, so the saved weights are the weights th
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import shutil
-from collections.abc import Iterable
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .. import __version__
+from ..errors import ApostateError, first_line
 from ..model.adapter import ADAPTER, Adapter
 from ..model.architecture import WriterEdit
 from ..model.sources import ModelSource
@@ -50,21 +59,21 @@ def save_merged(
     Streams tensor by tensor through the base's safetensors files where every edit maps onto
     a stored tensor; otherwise (renamed or fused keys, .bin checkpoints) loads the whole base.
     """
-    output_dir = _fresh_dir(output_dir)
-    edits_by_name = {parameter_name(edit.writer): edit for edit in edits}
-    folder = _checkpoint_folder(source)
-    checkpoint = Checkpoint.find(folder) if folder else None
-    reason = _why_not_streamable(checkpoint, folder, edits_by_name)
-    if reason is None:
-        console.print(f"Merging shard by shard into [bold]{output_dir}[/]...")
-        computes = {name: edit.compute for name, edit in edits_by_name.items()}
-        stream_merge(checkpoint, computes, output_dir, max_shard_size)
-        copy_model_files(folder, output_dir)
-    else:
-        console.print(f"[yellow]Merging in memory: {reason}.[/]")
-        _merge_in_memory(source, list(edits_by_name.values()), output_dir, max_shard_size, trust_remote_code)
-    tokenizer.save_pretrained(output_dir)
-    _write_card(output_dir, source, summary, merged=True)
+    with _staged(output_dir) as staging:
+        edits_by_name = {parameter_name(edit.writer): edit for edit in edits}
+        folder = _checkpoint_folder(source)
+        checkpoint = Checkpoint.find(folder) if folder else None
+        reason = _why_not_streamable(checkpoint, folder, edits_by_name)
+        if reason is None:
+            console.print(f"Merging shard by shard into [bold]{output_dir}[/]...")
+            computes = {name: edit.compute for name, edit in edits_by_name.items()}
+            stream_merge(checkpoint, computes, staging, max_shard_size)
+            copy_model_files(folder, staging)
+        else:
+            console.print(f"[yellow]Merging in memory: {reason}.[/]")
+            _merge_in_memory(source, list(edits_by_name.values()), staging, max_shard_size, trust_remote_code)
+        tokenizer.save_pretrained(staging)
+        _write_card(staging, source, summary, merged=True)
     return output_dir
 
 
@@ -109,30 +118,110 @@ def _merge_in_memory(
             parameter = getattr(module, edit.writer.parameter or "weight")
             parameter.copy_((parameter.float() + edit.compute().to(parameter.device)).to(parameter.dtype))
             advance(1)
-    console.print(f"Saving the merged model to [bold]{output_dir}[/]...")
+    console.print("Saving the merged model...")
     base.save_pretrained(output_dir, max_shard_size=max_shard_size)
     del base
 
 
 def save_adapter(source: ModelSource, adapter: Adapter, tokenizer, output_dir: Path, summary: TrialSummary) -> Path:
-    output_dir = _fresh_dir(output_dir)
-    adapter.model.peft_config[ADAPTER].base_model_name_or_path = source.name
-    adapter.model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    _write_card(output_dir, source, summary, merged=False)
+    with _staged(output_dir) as staging:
+        adapter.model.peft_config[ADAPTER].base_model_name_or_path = source.name
+        adapter.model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        _write_card(staging, source, summary, merged=False)
     return output_dir
 
 
-def _fresh_dir(path: Path) -> Path:
-    """An empty output folder; an earlier export there is replaced, anything else is kept safe."""
-    if path.exists() and any(path.iterdir()):
-        if not (path / "apostate.json").is_file():
-            from ..errors import ApostateError
+def check_output_dir(path: Path) -> None:
+    """Refuse, before any work, an output path no export can go to: a file (or a file above
+    it), a mount point (it cannot be swapped), or a non-empty folder that is not an earlier export."""
+    path = Path(path)
+    blocker = next((p for p in (path, *path.parents) if os.path.lexists(p)), None)
+    if blocker is not None and not blocker.is_dir():
+        kind = "is a file" if blocker.is_file() else "exists and is not a folder"
+        raise ApostateError(f"output path {blocker} {kind}; choose a folder path for --output-dir")
+    if not path.is_dir():
+        return  # created by the export
+    if os.path.ismount(path):
+        raise ApostateError(
+            f"output folder {path} is a mount point, which cannot be replaced safely; "
+            f"choose a folder inside it (e.g. {path / 'model'}) for --output-dir"
+        )
+    if any(path.iterdir()) and not (path / "apostate.json").is_file():
+        raise ApostateError(
+            f"output folder {path} is not empty and not an earlier apostate export; choose another --output-dir"
+        )
 
-            raise ApostateError(f"output folder {path} is not empty and not an earlier apostate export; choose another")
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+
+@contextmanager
+def _staged(output_dir: Path) -> Iterator[Path]:
+    """A temporary sibling of `output_dir` to write the export into; it replaces `output_dir`
+    only when the block completes. On any failure it is removed and `output_dir` is untouched."""
+    output_dir = Path(os.path.abspath(output_dir))
+    if output_dir.is_symlink():  # replace the folder it points to, keep the link
+        output_dir = output_dir.resolve()
+    check_output_dir(output_dir)
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a plain mkdir would not
+    except OSError as error:
+        raise _write_error(output_dir, error) from error
+    try:
+        yield staging
+        _swap_in(staging, output_dir)
+    except BaseException as error:  # KeyboardInterrupt too: never leave the partial folder
+        shutil.rmtree(staging, ignore_errors=True)
+        if _os_errno(error) is not None and not isinstance(error, ApostateError):
+            raise _write_error(output_dir, error) from error
+        raise
+
+
+def _swap_in(staging: Path, output_dir: Path) -> None:
+    """Move the previous export aside, rename the new one into place, then delete the old one."""
+    if not os.path.lexists(output_dir):
+        staging.rename(output_dir)
+        return
+    holder = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+    aside = holder / output_dir.name
+    output_dir.rename(aside)
+    try:
+        staging.rename(output_dir)
+    except BaseException:
+        aside.rename(output_dir)
+        holder.rmdir()
+        raise
+    shutil.rmtree(holder, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _os_errno(error: BaseException) -> int | None:
+    """The OS error code behind `error`: an OSError's, or the "(os error N)" that safetensors
+    (Rust) reports in its message; None if it is not a system call's error."""
+    if isinstance(error, OSError):
+        return error.errno  # None for OSErrors raised by libraries with a message only
+    match = re.search(r"\(os error (\d+)\)", str(error))
+    return int(match.group(1)) if match else None
+
+
+def _write_error(output_dir: Path, error: BaseException) -> ApostateError:
+    code = _os_errno(error)
+    filename = getattr(error, "filename", None)
+    elsewhere = isinstance(filename, str) and not os.path.abspath(filename).startswith(str(output_dir.parent))
+    if elsewhere:  # e.g. an unreadable base checkpoint file: name that file
+        problem, fix = first_line(error), "fix that and export again"
+    elif code in (errno.ENOSPC, errno.EDQUOT):
+        problem, fix = "the disk is full", "free some space there or choose another --output-dir"
+    elif code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        problem, fix = "the folder is not writable (read-only?)", "choose a writable --output-dir"
+    else:
+        problem, fix = first_line(error), "fix that or choose another --output-dir"
+    return ApostateError(f"export to {output_dir} failed: {problem}; {fix} (any previous export there is unchanged)")
 
 
 def _write_card(output_dir: Path, source: ModelSource, summary: TrialSummary, merged: bool) -> None:

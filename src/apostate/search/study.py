@@ -9,7 +9,9 @@ The trial loop itself is in trials.py.
 from __future__ import annotations
 
 import fcntl
+import json
 import random
+import time
 from pathlib import Path
 
 import optuna
@@ -19,9 +21,11 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from ..errors import ApostateError
+from ..progress import console
 
 STUDY_NAME = "apostate"
 JOURNAL = "study.journal"
+SET_TRIAL_STATE = 6  # the journal's op code for a trial's final state (Optuna's JournalOperation, not public)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -37,8 +41,15 @@ def lock_run_dir(run_dir: Path):
     return handle
 
 
-def open_study(run_dir: Path, fingerprint: dict, seed: int | None, n_startup_trials: int) -> optuna.Study:
-    """Create the study, or reopen it after checking it was made with the same settings."""
+def open_study(
+    run_dir: Path, fingerprint: dict, seed: int | None, n_startup_trials: int, measured: bool = False
+) -> optuna.Study:
+    """Create the study, or reopen it after checking it was made with the same settings.
+
+    A study that holds no trial yet, in a run folder where nothing was `measured` yet (a run
+    that failed before its start-up measurements), takes the new settings: nothing is lost.
+    """
+    repair_journal(run_dir / JOURNAL)
     storage = JournalStorage(JournalFileBackend(str(run_dir / JOURNAL)))
     study = optuna.create_study(
         study_name=STUDY_NAME,
@@ -50,6 +61,8 @@ def open_study(run_dir: Path, fingerprint: dict, seed: int | None, n_startup_tri
     if stored is None:
         study.set_user_attr("fingerprint", fingerprint)
         study.set_user_attr("seed", seed if seed is not None else random.randrange(2**31))
+    elif stored != fingerprint and not study.trials and not measured:
+        study.set_user_attr("fingerprint", fingerprint)  # nothing was measured with the old settings
     elif stored != fingerprint:
         changed = ", ".join(sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k)))
         raise ApostateError(
@@ -66,6 +79,51 @@ def open_study(run_dir: Path, fingerprint: dict, seed: int | None, n_startup_tri
         seed=base_seed + len(study.trials),
     )
     return study
+
+
+def repair_journal(journal: Path) -> None:
+    """Set aside a half-written last record (a kill during a write), so that new records are not
+    appended onto it; every complete record before it, so every finished trial, is kept.
+
+    A broken record before the last cannot come from an interrupted append: that is an error.
+    """
+    if not journal.is_file():
+        return
+    data = journal.read_bytes()
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]  # `tail` is empty when the file ends with a newline
+    if not tail and complete and not _is_record(complete[-1]):
+        complete, tail = complete[:-1], complete[-1]
+    for number, line in enumerate(complete, start=1):
+        if not _is_record(line):
+            raise ApostateError(
+                f"{journal} has a damaged record at line {number} (not at its end, so not an interrupted write); "
+                "restore the file from a backup, or use --run-dir for a new run"
+            )
+    if not tail:
+        return
+    aside = journal.with_name(f"{journal.name}.torn-{int(time.time())}")
+    aside.write_bytes(tail)
+    with journal.open("r+b") as handle:
+        handle.truncate(sum(len(line) + 1 for line in complete))
+    finished = sum(_is_finished_trial(line) for line in complete)
+    console.print(
+        f"[yellow]{journal.name} ended in a half-written record (the run was killed while writing it); "
+        f"set it aside as {aside.name}. {finished} finished trials recovered.[/]"
+    )
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def _is_finished_trial(line: bytes) -> bool:
+    record = json.loads(line)
+    finished_states = {TrialState.COMPLETE.value, TrialState.PRUNED.value}
+    return record.get("op_code") == SET_TRIAL_STATE and record.get("state") in finished_states
 
 
 def _fail_abandoned_trials(study: optuna.Study) -> None:

@@ -1,0 +1,106 @@
+"""The run folder under faults and mistakes: a torn journal, --show-results, a failed first run,
+and choices that cannot work refused before the model loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny import SMALL, tiny_model_folder
+
+from apostate import pipeline
+from apostate.cli import main
+from apostate.errors import ApostateError
+from apostate.search.study import JOURNAL, repair_journal
+from apostate.settings import parse_command_line
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny_model_folder(tmp_path_factory.mktemp("tiny") / "tiny-qwen")
+
+
+@pytest.fixture(scope="module")
+def finished_run(model_dir, tmp_path_factory):
+    """A run folder with two finished trials and a saved model."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    flags = ["--n-trials", "2", "--headless", "--actions", "save"]
+    assert main([str(model_dir), "--run-dir", str(run_dir), *SMALL, *flags]) == 0
+    return run_dir
+
+
+def finished_trials(journal) -> int:
+    states = [json.loads(line) for line in journal.read_text().splitlines()]
+    return sum(1 for r in states if r.get("op_code") == 6 and r.get("state") in (1, 2))
+
+
+def no_model_load(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(pipeline, "start_session", refuse)
+
+
+def test_a_torn_last_journal_record_is_set_aside_and_the_run_resumes(model_dir, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main([str(model_dir), "--run-dir", str(run_dir), *SMALL, "--n-trials", "2", "--headless"]) == 0
+    journal = run_dir / JOURNAL
+    text = journal.read_text()
+    journal.write_text(text + text.splitlines()[-1][:40])  # a kill in the middle of writing a record
+    capsys.readouterr()
+    assert main([str(model_dir), "--run-dir", str(run_dir), *SMALL, "--n-trials", "3", "--headless"]) == 0
+    assert "2 finished trials recovered" in capsys.readouterr().err
+    assert finished_trials(journal) == 3  # nothing lost, one trial added
+    assert len(list(run_dir.glob(f"{JOURNAL}.torn-*"))) == 1
+
+
+def test_a_broken_record_before_the_end_is_an_error_not_a_repair(tmp_path):
+    journal = tmp_path / JOURNAL
+    journal.write_text('{"op_code": 0}\n{"op_co\n{"op_code": 1}\n')
+    with pytest.raises(ApostateError, match="damaged record at line 2"):
+        repair_journal(journal)
+    journal.write_text('{"op_code": 0}\n{"op_code": 6, "state": 1}\n')
+    repair_journal(journal)  # an intact journal is left as it is
+    assert journal.read_text() == '{"op_code": 0}\n{"op_code": 6, "state": 1}\n'
+
+
+def test_show_results_only_shows(model_dir, finished_run, monkeypatch, capsys):
+    saved = (finished_run / "model" / "apostate.json").stat().st_mtime_ns
+    no_model_load(monkeypatch)
+    flags = ["--headless", "--actions", "save", "--actions", "evaluate", "--show-results"]
+    assert main([str(model_dir), "--run-dir", str(finished_run), *SMALL, "--n-trials", "2", *flags]) == 0
+    assert "Pareto front" in capsys.readouterr().err
+    assert (finished_run / "model" / "apostate.json").stat().st_mtime_ns == saved  # not exported again
+
+
+def test_show_results_of_an_empty_run_folder_is_one_line(model_dir, tmp_path, capsys):
+    code = main([str(model_dir), "--run-dir", str(tmp_path / "run"), *SMALL, "--show-results"])
+    assert code == 2 and "holds no study yet" in capsys.readouterr().err
+
+
+def test_a_run_that_failed_before_measuring_anything_does_not_block_the_corrected_one(model_dir, tmp_path):
+    run_dir = tmp_path / "run"
+    wrong = ["--harmful.source", str(tmp_path / "missing.txt")]
+    assert main([str(model_dir), "--run-dir", str(run_dir), *SMALL, "--n-trials", "2", *wrong]) == 2
+    assert main([str(model_dir), "--run-dir", str(run_dir), *SMALL, "--n-trials", "2", "--headless"]) == 0
+
+
+def test_changed_settings_after_measuring_are_still_refused(model_dir, finished_run, capsys):
+    code = main([str(model_dir), "--run-dir", str(finished_run), *SMALL, "--n-trials", "2", "--kl-cutoff", "1"])
+    assert code == 2 and "other settings (changed: kl_cutoff)" in capsys.readouterr().err
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_the_model_loads(model_dir, finished_run, tmp_path, monkeypatch):
+    target = tmp_path / "a-file"
+    target.write_text("not a folder")
+    no_model_load(monkeypatch)
+    flags = ["--n-trials", "2", "--headless", "--actions", "save", "--output-dir", str(target)]
+    with pytest.raises(ApostateError, match="a-file"):
+        pipeline.run(parse_command_line([str(model_dir), "--run-dir", str(finished_run), *SMALL, *flags]))
+
+
+def test_an_unknown_trial_is_refused_before_the_model_loads(model_dir, finished_run, monkeypatch, capsys):
+    no_model_load(monkeypatch)
+    flags = ["--n-trials", "2", "--headless", "--trial", "99", "--actions", "save"]
+    assert main([str(model_dir), "--run-dir", str(finished_run), *SMALL, *flags]) == 2
+    assert "trial 99 is not a finished trial of this run (finished: " in capsys.readouterr().err
