@@ -122,21 +122,6 @@ def test_prompt_file_that_is_not_utf8(tmp_path, capsys, model_dir, suffix):
     assert f"prompt file {path} is not UTF-8 text" in line and "save it as UTF-8" in line
 
 
-def test_jsonl_mixing_objects_and_strings(tmp_path, capsys, model_dir):
-    path = tmp_path / "mixed.jsonl"
-    path.write_text('{"prompt": "a"}\n"b"\n')
-    code = run_with_prompts(model_dir, tmp_path, "--harmful.source", str(path))
-    line = single_error_line(capsys, code)
-    assert f"{path}:2: a JSON string, but line 1 is a JSON object" in line
-
-
-def test_jsonl_with_a_broken_line(tmp_path, capsys, model_dir):
-    path = tmp_path / "broken.jsonl"
-    path.write_text('{"prompt": "a"}\n\n{"prompt": oops}\n')
-    code = run_with_prompts(model_dir, tmp_path, "--harmful.source", str(path))
-    assert f"{path}:3: not valid JSON" in single_error_line(capsys, code)
-
-
 def test_folder_as_prompt_source(tmp_path, capsys, model_dir):
     folder = tmp_path / "prompts"
     folder.mkdir()
@@ -158,21 +143,6 @@ def test_named_column_that_does_not_exist(tmp_path, capsys, model_dir, name, con
     code = run_with_prompts(model_dir, tmp_path, "--harmful.source", str(path), "--harmful.column", column)
     line = single_error_line(capsys, code)
     assert f"{path} has no column 'prompt' (it has: " in line and "question" in line
-
-
-def test_jsonl_line_without_the_prompt_key(tmp_path, capsys, model_dir):
-    path = tmp_path / "keys.jsonl"
-    path.write_text('{"prompt": "a"}\n{"text": "b"}\n')
-    code = run_with_prompts(model_dir, tmp_path, "--harmful.source", str(path))
-    assert f"{path}:2: no key 'prompt' (it has: text)" in single_error_line(capsys, code)
-
-
-def test_too_few_prompts_for_the_counts(tmp_path, capsys, model_dir):
-    path = tmp_path / "few.txt"
-    path.write_text("one\ntwo\nthree\n")
-    code = run_with_prompts(model_dir, tmp_path, "--harmful.source", str(path))
-    line = single_error_line(capsys, code)
-    assert f"harmful prompt source '{path}' has 3 prompts" in line and "lower --harmful.direction-count" in line
 
 
 def test_prompts_in_both_sets(tmp_path, capsys, model_dir):
@@ -205,3 +175,25 @@ def test_config_file_with_a_wrong_type(tmp_path, capsys, model_dir):
     code = main([str(model_dir), "--config", str(config)])
     line = single_error_line(capsys, code)
     assert "invalid settings: n_trials: Input should be a valid integer" in line
+
+
+# (file name, content, what the error line says; {path} is the file)
+BAD_PROMPT_FILES = [
+    ("mixed.jsonl", '{"prompt": "a"}\n"b"\n', ["{path}:2: a JSON string, but line 1 is a JSON object"]),
+    ("broken.jsonl", '{"prompt": "a"}\n\n{"prompt": oops}\n', ["{path}:3: not valid JSON"]),
+    ("keys.jsonl", '{"prompt": "a"}\n{"text": "b"}\n', ["{path}:2: no key 'prompt' (it has: text)"]),
+    (
+        "few.txt",
+        "one\ntwo\nthree\n",
+        ["harmful prompt source '{path}' has 3 prompts", "lower --harmful.direction-count"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "content", "expected"), BAD_PROMPT_FILES, ids=[row[0] for row in BAD_PROMPT_FILES])
+def test_bad_prompt_file(tmp_path, capsys, model_dir, name, content, expected):
+    path = tmp_path / name
+    path.write_text(content)
+    code = run_with_prompts(model_dir, tmp_path, "--harmful.source", str(path))
+    line = single_error_line(capsys, code)
+    assert all(part.format(path=path) in line for part in expected), line
