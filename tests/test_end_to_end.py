@@ -6,17 +6,12 @@ import optuna
 import pytest
 import torch
 from exports import exported_kl, run_and_save
-from tiny import SMALL, tiny_model_folder
+from tiny import SMALL
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apostate.cli import main
 from apostate.search.study import completed, open_study
 from apostate.search.trials import TrialRunner
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_folder(tmp_path_factory.mktemp("tiny") / "tiny-qwen")
 
 
 def load_study(run_dir):
@@ -237,10 +232,27 @@ def test_routed_linear_layers_are_restored_when_the_run_fails(model_dir, tmp_pat
 
     monkeypatch.setattr(pipeline, "start_session", keep)
     monkeypatch.setattr(pipeline, "run_trials", fail)
-    with pytest.raises(RuntimeError, match="inside the trial loop"):
-        main([str(model_dir), "--run-dir", str(tmp_path / "run"), "--n-trials", "2", "--headless", *SMALL])
+    with pytest.raises(RuntimeError, match="inside the trial loop"):  # --debug: the error itself
+        main([str(model_dir), "--run-dir", str(tmp_path / "run"), "--n-trials", "2", "--headless", *SMALL, "--debug"])
     linear = [m for m in sessions[0].model.modules() if isinstance(m, torch.nn.Linear)]
     assert linear and not any("forward" in vars(module) for module in linear)
+
+
+def test_a_bug_is_one_line_without_debug_and_a_traceback_with_it(model_dir, tmp_path, monkeypatch, capsys):
+    from apostate import pipeline
+
+    def bug(*args, **kwargs):
+        raise KeyError("a bug in the trial loop")
+
+    monkeypatch.setattr(pipeline, "run_trials", bug)
+    arguments = [str(model_dir), "--run-dir", str(tmp_path / "run"), "--n-trials", "2", "--headless", *SMALL]
+    assert main(arguments) == 1
+    output = capsys.readouterr().err
+    assert "Traceback" not in output
+    assert "apostate: error: internal error: KeyError: 'a bug in the trial loop' (run again with --debug" in output
+    monkeypatch.setenv("APOSTATE_DEBUG", "1")
+    with pytest.raises(KeyError):
+        main(arguments)
 
 
 def test_startup_cache_is_plain_data_and_an_old_or_damaged_one_is_measured_again(tmp_path):

@@ -6,18 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from tiny import SMALL, tiny_model_folder
+from tiny import SMALL
 
 from apostate import pipeline
 from apostate.cli import main
 from apostate.errors import ApostateError
 from apostate.search.study import JOURNAL, repair_journal
 from apostate.settings import parse_command_line
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return tiny_model_folder(tmp_path_factory.mktemp("tiny") / "tiny-qwen")
 
 
 @pytest.fixture(scope="module")
@@ -73,9 +68,9 @@ def test_show_results_only_shows(model_dir, finished_run, monkeypatch, capsys):
     assert (finished_run / "model" / "apostate.json").stat().st_mtime_ns == saved  # not exported again
 
 
-def test_show_results_of_an_empty_run_folder_is_one_line(model_dir, tmp_path, capsys):
+def test_show_results_of_an_empty_run_folder_is_one_line(model_dir, tmp_path, bad_input):
     code = main([str(model_dir), "--run-dir", str(tmp_path / "run"), *SMALL, "--show-results"])
-    assert code == 2 and "holds no study yet" in capsys.readouterr().err
+    assert "holds no study yet" in bad_input.error("run folder", "--show-results on a folder with no study", code)
 
 
 def test_a_run_that_failed_before_measuring_anything_does_not_block_the_corrected_one(model_dir, tmp_path):
@@ -85,22 +80,53 @@ def test_a_run_that_failed_before_measuring_anything_does_not_block_the_correcte
     assert main([str(model_dir), "--run-dir", str(run_dir), *SMALL, "--n-trials", "2", "--headless"]) == 0
 
 
-def test_changed_settings_after_measuring_are_still_refused(model_dir, finished_run, capsys):
+def test_changed_settings_after_measuring_are_still_refused(model_dir, finished_run, bad_input):
     code = main([str(model_dir), "--run-dir", str(finished_run), *SMALL, "--n-trials", "2", "--kl-cutoff", "1"])
-    assert code == 2 and "other settings (changed: kl_cutoff)" in capsys.readouterr().err
+    line = bad_input.error("run folder", "resuming with a setting that changes what trials measure", code)
+    assert "other settings (changed: kl_cutoff)" in line
 
 
-def test_an_output_dir_that_is_a_file_is_refused_before_the_model_loads(model_dir, finished_run, tmp_path, monkeypatch):
+def test_an_output_dir_that_is_a_file_is_refused_before_the_model_loads(
+    model_dir, finished_run, tmp_path, monkeypatch, bad_input
+):
     target = tmp_path / "a-file"
     target.write_text("not a folder")
     no_model_load(monkeypatch)
     flags = ["--n-trials", "2", "--headless", "--actions", "save", "--output-dir", str(target)]
-    with pytest.raises(ApostateError, match="a-file"):
+    with pytest.raises(ApostateError, match="a-file") as error:
         pipeline.run(parse_command_line([str(model_dir), "--run-dir", str(finished_run), *SMALL, *flags]))
+    bad_input.raised("export", "--output-dir naming a file", error)
 
 
-def test_an_unknown_trial_is_refused_before_the_model_loads(model_dir, finished_run, monkeypatch, capsys):
+def test_an_unknown_trial_is_refused_before_the_model_loads(model_dir, finished_run, monkeypatch, bad_input):
     no_model_load(monkeypatch)
     flags = ["--n-trials", "2", "--headless", "--trial", "99", "--actions", "save"]
-    assert main([str(model_dir), "--run-dir", str(finished_run), *SMALL, *flags]) == 2
-    assert "trial 99 is not a finished trial of this run (finished: " in capsys.readouterr().err
+    code = main([str(model_dir), "--run-dir", str(finished_run), *SMALL, *flags])
+    line = bad_input.error("run folder", "--trial naming no finished trial", code)
+    assert "trial 99 is not a finished trial of this run (finished: " in line
+
+
+def test_a_run_folder_in_use_is_refused(model_dir, finished_run, bad_input):
+    from apostate.search.study import lock_run_dir
+
+    holder = lock_run_dir(finished_run)  # what another apostate process holds while it runs
+    try:
+        code = main([str(model_dir), "--run-dir", str(finished_run), *SMALL, "--n-trials", "2", "--headless"])
+    finally:
+        holder.close()
+    line = bad_input.error("run folder", "a run folder another apostate process is using", code)
+    assert f"run folder {finished_run} is in use by another apostate process" in line
+
+
+def test_a_journal_damaged_in_the_middle_is_one_line_and_left_alone(model_dir, tmp_path, bad_input):
+    run_dir = tmp_path / "run"
+    assert main([str(model_dir), "--run-dir", str(run_dir), *SMALL, "--n-trials", "2", "--headless"]) == 0
+    journal = run_dir / JOURNAL
+    lines = journal.read_text().splitlines(keepends=True)
+    lines[3] = lines[3][:20] + "\n"
+    journal.write_text("".join(lines))
+    damaged = journal.read_bytes()
+    code = main([str(model_dir), "--run-dir", str(run_dir), *SMALL, "--n-trials", "3", "--headless"])
+    line = bad_input.error("run folder", "a study journal damaged before its last record", code)
+    assert "damaged record at line 4" in line and "restore the file from a backup" in line
+    assert journal.read_bytes() == damaged  # nothing was appended to it, nothing cut off

@@ -3,42 +3,74 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import warnings
+
+from .errors import first_line
+
+INTERRUPTED = (
+    "Interrupted. Finished trials are kept in the run folder, and an earlier export is unchanged; "
+    "run the same command again to resume."
+)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    debug = _debug_asked(argv)
     _quiet_libraries()
     from pydantic import ValidationError
 
     from .errors import ApostateError
     from .progress import console
-    from .settings import parse_command_line
 
     try:
+        from .settings import parse_command_line
+
         settings = parse_command_line(argv)
     except ValidationError as error:
-        return _fail(console, "invalid settings: " + _validation_summary(error))
+        return _fail(console, "invalid settings: " + _validation_summary(error), debug=debug)
     except ApostateError as error:  # a config file that does not parse
-        return _fail(console, str(error), error.exit_code)
+        return _fail(console, str(error), error.exit_code, debug=debug)
     except (FileNotFoundError, ValueError) as error:
-        return _fail(console, str(error))
+        return _fail(console, str(error), debug=debug)
 
     from .pipeline import run
 
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` cleans up like Ctrl+C
     try:
         return run(settings)
     except ApostateError as error:
-        return _fail(console, str(error), error.exit_code)
+        return _fail(console, str(error), error.exit_code, debug=debug)
     except KeyboardInterrupt:
-        console.print("\n[yellow]Interrupted.[/] Finished trials are kept in the run folder.")
+        if debug:
+            console.print_exception()
+        console.print(f"\n[yellow]{INTERRUPTED}[/]")
         return 130
+    except Exception as error:  # a bug: one line with what to do, the traceback only with --debug
+        if debug:
+            raise
+        message = f"internal error: {type(error).__name__}: {first_line(error)} (run again with --debug for the traceback, and please report it)"
+        return _fail(console, message, 1)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
-def _fail(console, message: str, code: int = 2) -> int:
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _debug_asked(argv: list[str]) -> bool:
+    """--debug, read before the settings parse, so that their errors can show a traceback too."""
+    flag = any(arg in ("--debug", "--debug=true", "--debug=True") for arg in argv)
+    return flag or os.environ.get("APOSTATE_DEBUG", "").lower() in ("1", "true")
+
+
+def _fail(console, message: str, code: int = 2, debug: bool = False) -> int:
     from rich.markup import escape
 
+    if debug and sys.exc_info()[0] is not None:
+        console.print_exception()
     # Escaped: messages quote user input and commands such as `pip install 'apostate[demo]'`.
     console.print(f"[red]apostate: error:[/] {escape(message)}", soft_wrap=True)
     return code

@@ -3,19 +3,22 @@ quantities, search, then show the Pareto front and act on the chosen trial."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
 
 from .decoding import CpuKernels
+from .decoding.kernel_timing import read_kernel_choices
 from .errors import ApostateError
 from .methods import Method, method_class
 from .methods.ara.captures import capture_for_fitting
 from .methods.context import MethodContext
 from .model.adapter import Adapter, attach_adapter
 from .model.architecture import Architecture, discover
-from .model.loading import LoadedModel, load_tokenizer
+from .model.loading import LoadedModel, consent_to_remote_code, load_tokenizer
 from .model.sources import ModelSource, resolve_source
 from .monitor import PhaseMonitor, median_trial_phases
 from .progress import console
@@ -60,8 +63,14 @@ class Session:
         self.method.apply(self.method.suggest(optuna.trial.FixedTrial(trial.params)))
 
     def close(self) -> None:
-        """Undo what was swapped into the model for speed (routed Linear layers)."""
+        """Keep the kernel choices made since start-up; undo what was swapped into the model for
+        speed (routed Linear layers)."""
+        with contextlib.suppress(OSError):  # a full disk here must not hide the error that ends the run
+            self.kernels.timer.write(self.run_dir / KERNELS_FILE)
         self.kernels.restore()
+
+
+KERNELS_FILE = "kernels.json"  # the run's CPU kernel choices (decoding/kernel_timing.py)
 
 
 def run_dir_for(settings: Settings, source: ModelSource) -> Path:
@@ -71,6 +80,8 @@ def run_dir_for(settings: Settings, source: ModelSource) -> Path:
 def run(settings: Settings) -> int:
     """The whole job; returns the exit code."""
     source = resolve_source(settings.model, settings.model_revision, settings.cache_path())
+    if not settings.show_results:  # which loads no model
+        settings = consent_to_remote_code(source, settings, interactive=not settings.headless and sys.stdin.isatty())
     run_dir = run_dir_for(settings, source)
     lock = lock_run_dir(run_dir)
     session = None
@@ -156,7 +167,7 @@ def start_session(
     method_type = method_class(settings.method)
     with monitor.phase("load model"):
         tokenizer = load_tokenizer(source, settings)
-        kernels = CpuKernels()
+        kernels = CpuKernels(read_kernel_choices(run_dir / KERNELS_FILE))
         loaded = load_for_trials(source, settings, tokenizer, kernels)
         architecture = discover(loaded.model)
         _report_architecture(architecture, settings.components)
@@ -169,6 +180,7 @@ def start_session(
     device = loaded.device
     with monitor.phase("start-up measurements"):
         startup = prepare(adapter.model, tokenizer, device, kernels, settings, prompts, run_dir, key)
+    kernels.timer.write(run_dir / KERNELS_FILE)  # a resumed run computes its trials the same way
     texts = Texts(tokenizer, settings, prompts, startup.response_prefix)
     scorer = build_scorer(tokenizer, device, kernels, settings, startup.batch_size, texts)
     scorer.resume_from_base(startup.base_logprobs, startup.base_responses)

@@ -6,6 +6,7 @@ a generation bar inside it show together, and each disappears when its work is d
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -19,7 +20,8 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-console = Console(stderr=True, highlight=False)
+# Not a terminal (a log file, a pipe): lines are not wrapped at 80 columns, so each message stays one line.
+console = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 
 class ProgressBars:

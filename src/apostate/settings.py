@@ -11,8 +11,10 @@ same values (`Settings.measurement_fingerprint`).
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -298,6 +300,9 @@ class Settings(BaseSettings):
     evaluate_model: str | None = Field(
         default=None, description="Score this other model against the base on the held-out sets, then exit."
     )
+    debug: bool = Field(
+        default=False, description="Show the full traceback with an error (for bug reports); without it, one line."
+    )
 
     @classmethod
     def settings_customise_sources(
@@ -364,9 +369,22 @@ def _toml_source(settings_cls: type[BaseSettings], path: Path) -> TomlConfigSett
         raise ApostateError(f"config file {path} is not valid TOML: {first_line(error)}; fix it there") from None
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse, but a mistyped flag is one error line that names the flag meant, not usage text."""
+
+    def error(self, message: str):
+        from .errors import ApostateError
+
+        unknown = re.findall(r"(--[\w.-]+)", message) if "unrecognized arguments" in message else []
+        known = [flag for action in self._actions for flag in action.option_strings]
+        close = [match for flag in unknown for match in difflib.get_close_matches(flag, known, n=1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ApostateError(f"{message}{hint}; apostate --help lists every option")
+
+
 def parse_command_line(argv: list[str]) -> Settings:
     """Settings from flags, environment, TOML and defaults (strongest first)."""
-    parser = argparse.ArgumentParser(
+    parser = _OneLineErrors(
         prog="apostate",
         usage="apostate MODEL [options]",
         description="Remove refusal behaviour from a chat model. Every option can also be set in a TOML "

@@ -281,8 +281,7 @@ def test_recomputed_expert_inputs_reproduce_the_experts_forward():
     assert torch.allclose((routing[..., None] * outputs).sum(dim=1), expected, atol=1e-5)
 
 
-def test_adapter_only_export_of_full_weight_ara_is_a_clear_error_and_keeps_the_trials(tmp_path, capsys):
-    from test_cli_errors import single_error_line
+def test_adapter_only_export_of_full_weight_ara_is_a_clear_error_and_keeps_the_trials(tmp_path, bad_input):
     from test_end_to_end import SMALL, load_study
     from tiny import tiny_model_folder
 
@@ -291,7 +290,7 @@ def test_adapter_only_export_of_full_weight_ara_is_a_clear_error_and_keeps_the_t
     folder = tiny_model_folder(tmp_path / "tiny")
     flags = [*SMALL, "--method", "ara", "--kl-cutoff", "100", "--n-trials", "2", "--headless"]
     code = main([str(folder), "--run-dir", str(tmp_path / "run"), *flags, "--actions", "save-adapter"])
-    assert "cannot hold" in single_error_line(capsys, code)
+    assert "cannot hold" in bad_input.error("export", "an adapter export of a full-weight ARA trial", code)
     assert len(load_study(tmp_path / "run").trials) == 2
 
 

@@ -86,3 +86,32 @@ def test_a_cut_short_weight_file_is_named(tmp_path, cut):
     settings = parse_command_line([str(folder), "--dtypes", "float32"])
     with pytest.raises(ApostateError, match=r"model\.safetensors is damaged or cut short"):
         load_model(resolve_source(settings.model, None, settings.cache_path()), settings)
+
+
+def test_pages_are_dropped_during_a_load_only_when_it_converts(monkeypatch):
+    import time
+
+    from apostate.model import checkpoint_pages
+
+    calls = []
+    monkeypatch.setattr(checkpoint_pages, "release_checkpoint_pages", lambda: calls.append(time.monotonic()))
+    for converting, expected in ((False, 1), (True, 3)):
+        calls.clear()
+        with checkpoint_pages.releasing_checkpoint_pages(converting, interval=0.05):
+            time.sleep(0.3)
+        # A same-dtype load keeps views into the pages: drop them once, after it, never under it.
+        assert len(calls) == 1 if not converting else len(calls) >= expected
+
+
+def test_whether_a_load_converts_is_read_from_the_checkpoint(tmp_path):
+    from apostate.model.loading import _converts
+    from apostate.model.sources import ModelSource
+
+    folder = tiny_model_folder(tmp_path / "tiny", layers=1)  # saved in float32
+    local = ModelSource("tiny", str(folder))
+    settings = parse_command_line([str(folder)])
+    assert not _converts(local, torch.float32, settings)
+    assert not _converts(local, "auto", settings)
+    assert _converts(local, torch.bfloat16, settings)
+    assert _converts(local, torch.float32, settings.model_copy(update={"quantization": "bnb_4bit"}))
+    assert _converts(ModelSource("someone/model", "someone/model"), torch.float32, settings)  # not local: unknown

@@ -95,6 +95,28 @@ def test_an_interrupted_merge_keeps_the_previous_export_and_removes_its_partial_
     assert leftovers(tmp_path, "model") == []
 
 
+def test_what_a_killed_export_left_is_cleaned_up_and_a_moved_aside_export_put_back(tiny, tmp_path, capsys):
+    source, base = tiny
+    out = tmp_path / "model"
+    save_merged(source, random_edits(base, seed=0), tiny_tokenizer(), out, "60KB", SUMMARY)
+    before = hashes(out)
+    # A SIGKILL between `_swap_in`'s two renames: the old export aside, nothing under the final name.
+    holder = tmp_path / ".model.old-killed"
+    holder.mkdir()
+    out.rename(holder / "model")
+    (tmp_path / ".model.partial-killed").mkdir()
+    (tmp_path / ".model.partial-killed" / "model-00001-of-00009.safetensors").write_bytes(b"half")
+
+    fail = KeyboardInterrupt()
+    with pytest.MonkeyPatch.context() as patch:
+        fail_after_first_shard(patch, fail)
+        with pytest.raises(KeyboardInterrupt):  # the next export puts the old one back first
+            save_merged(source, random_edits(base, seed=1), tiny_tokenizer(), out, "60KB", SUMMARY)
+    assert "Put the previous export back" in capsys.readouterr().err
+    assert hashes(out) == before
+    assert leftovers(tmp_path, "model") == []
+
+
 def test_a_successful_export_replaces_the_previous_one_and_leaves_no_temporary_folders(tiny, tmp_path, monkeypatch):
     source, base = tiny
     out = tmp_path / "model"
@@ -120,7 +142,9 @@ def test_a_successful_export_replaces_the_previous_one_and_leaves_no_temporary_f
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "tiny"]
 
 
-def test_adapter_export_is_swapped_in_too_and_a_read_only_failure_keeps_the_old_one(tiny, tmp_path, monkeypatch):
+def test_adapter_export_is_swapped_in_too_and_a_read_only_failure_keeps_the_old_one(
+    tiny, tmp_path, monkeypatch, bad_input
+):
     source, base = tiny
     adapter = attach_adapter(base, discover(base), 1)
     out = tmp_path / "adapter"
@@ -135,6 +159,7 @@ def test_adapter_export_is_swapped_in_too_and_a_read_only_failure_keeps_the_old_
     with pytest.raises(ApostateError) as error:
         save_adapter(source, adapter, tokenizer, out, SUMMARY)
     assert_one_line(error, str(out), "not writable")
+    bad_input.raised("export", "a read-only folder during an export", error)
     assert hashes(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "tiny"]
 
@@ -214,7 +239,7 @@ def fill(disk: Path) -> None:
 
 
 @pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "in-memory"])
-def test_a_real_full_disk_keeps_the_previous_export(tiny, small_disk, monkeypatch, streamed):
+def test_a_real_full_disk_keeps_the_previous_export(tiny, small_disk, monkeypatch, streamed, bad_input):
     source, base = tiny
     out = small_disk / "model"
     save_merged(source, random_edits(base, seed=0), tiny_tokenizer(), out, "5GB", SUMMARY)
@@ -225,6 +250,8 @@ def test_a_real_full_disk_keeps_the_previous_export(tiny, small_disk, monkeypatc
     with pytest.raises(ApostateError) as error:
         save_merged(source, random_edits(base, seed=1), tiny_tokenizer(), out, "5GB", SUMMARY)
     assert_one_line(error, str(out), "disk is full", "free some space")
+    way = "streamed merge" if streamed else "in-memory merge"
+    bad_input.raised("export", f"a full disk (a real 2 MB tmpfs) during an export ({way})", error)
     assert hashes(out) == before
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "model"]
     with pytest.raises(ApostateError, match="mount point"):  # it could not be swapped: refused up front

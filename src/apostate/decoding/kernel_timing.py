@@ -13,14 +13,20 @@ projection 1.4x slower column-major, and bfloat16 products 1.0-7x slower than fl
 bfloat16 instructions: 5.3 s instead of 1.3 s for the output projection at 320 rows, which
 made every decoding pass with drafts ten times slower). So nothing is assumed: each choice
 is timed once per weight shape, on a slice of the weight, and kept by the `KernelTimer`
-that timed it (one per `CpuKernels`, so per loaded model).
+that timed it (one per `CpuKernels`, so per loaded model). A run keeps its choices in its
+folder (`KernelTimer.write`, `read_kernel_choices`), so that every trial of a run, resumed
+or not, is computed the same way: timing noise in a new process could otherwise flip a
+close choice, and with it the last digits of a KL divergence.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +40,19 @@ MARGIN = 0.95  # the other way must be at least 5% faster: timing noise never fl
 class KernelTimer:
     """Times the ways of computing a float32 product and remembers each choice per weight shape."""
 
-    def __init__(self):
-        self.choices: dict[tuple, bool | tuple[bool, ...]] = {}
+    def __init__(self, choices: dict[str, bool | tuple[bool, ...]] | None = None):
+        self.choices: dict[str, bool | tuple[bool, ...]] = dict(choices or {})
+
+    def write(self, path: Path) -> None:
+        """Keep the choices made so far in `path` (JSON), written whole or not at all."""
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(json.dumps(self.choices, indent=1))
+        os.replace(partial, path)
 
     def column_major_pays(self, weight: torch.Tensor) -> bool:
         """Whether `F.linear` from a column-major copy of this row-major float32 weight beats the
         row-major weight with the faster of MKL and oneDNN (routing picks that per row range)."""
-        key = ("column-major", tuple(weight.shape), weight.dtype)
+        key = _key("column-major", tuple(weight.shape), weight.dtype)
         if key not in self.choices:
             sample = weight.detach()[:SAMPLE_OUTPUTS].contiguous()
             transposed = sample.t().contiguous().t()
@@ -55,7 +67,7 @@ class KernelTimer:
 
     def bfloat16_screen_pays(self, weight: torch.Tensor) -> bool:
         """Whether a bfloat16 product with this float32 weight is faster than the float32 one."""
-        key = ("bfloat16", tuple(weight.shape), weight.stride(), weight.dtype)
+        key = _key("bfloat16", tuple(weight.shape), weight.stride(), weight.dtype)
         if key not in self.choices:
             sample = weight.detach()[:SAMPLE_OUTPUTS]
             screen = sample.to(torch.bfloat16)
@@ -67,7 +79,7 @@ class KernelTimer:
 
     def onednn_pays(self, weight: torch.Tensor) -> tuple[bool, ...]:
         """Per row range (ROW_RANGES): whether oneDNN multiplies by this float32 weight faster than MKL."""
-        key = ("oneDNN", tuple(weight.shape), weight.stride(), weight.dtype)
+        key = _key("oneDNN", tuple(weight.shape), weight.stride(), weight.dtype)
         if key not in self.choices:
             sample = weight.detach()[:SAMPLE_OUTPUTS]
             self.choices[key] = tuple(
@@ -75,6 +87,22 @@ class KernelTimer:
                 for x in _inputs(sample, [rows for _, rows in ROW_RANGES])
             )
         return self.choices[key]
+
+
+def read_kernel_choices(path: Path) -> KernelTimer:
+    """A timer holding the choices a run kept in `path`; an empty one where there are none
+    (or the file is damaged: the choices are timed again, nothing else depends on them)."""
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return KernelTimer()
+    if not isinstance(stored, dict):
+        return KernelTimer()
+    return KernelTimer({key: tuple(value) if isinstance(value, list) else bool(value) for key, value in stored.items()})
+
+
+def _key(*parts) -> str:
+    return repr(parts)
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

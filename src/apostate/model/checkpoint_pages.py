@@ -57,13 +57,16 @@ def release_checkpoint_pages() -> None:
 
 
 @contextmanager
-def releasing_checkpoint_pages(interval: float = 0.2):
-    """Drop checkpoint pages every `interval` seconds while the block runs (a load).
+def releasing_checkpoint_pages(converting: bool, interval: float = 0.2):
+    """Give checkpoint pages back after the block (a load), and every `interval` seconds
+    during it when the load converts the weights.
 
-    Quantizing, or casting to another dtype, reads every page of the checkpoint once;
-    dropping them as it goes keeps the load's peak near the loaded model's size instead of
-    model plus checkpoint (bfloat16 from a float32 checkpoint: 3.79 GiB before, on the demo).
-    A page being read when it is dropped is simply read again from the file.
+    Quantizing, or casting to another dtype, reads every page of the checkpoint once and
+    keeps none: dropping them as it goes keeps the load's peak near the loaded model's size
+    instead of model plus checkpoint (bfloat16 from a float32 checkpoint: 3.96 GiB without,
+    2.41 GiB with, on the demo). A load in the checkpoint's own dtype keeps views into the
+    mapped pages as its weights, so dropping them during the load saves nothing and only
+    makes whatever reads them next fault them in again (issue 14: `bench/load_stall.py`).
     """
     done = threading.Event()
 
@@ -72,12 +75,14 @@ def releasing_checkpoint_pages(interval: float = 0.2):
             release_checkpoint_pages()
 
     thread = threading.Thread(target=release_until_done, name="release-checkpoint-pages", daemon=True)
-    thread.start()
+    if converting:
+        thread.start()
     try:
         yield
     finally:
         done.set()
-        thread.join()
+        if converting:
+            thread.join()
         release_checkpoint_pages()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,9 @@ def load_model(source: ModelSource, settings: Settings, tokenizer=None) -> Loade
         try:
             model = _from_pretrained(source, settings, dtype_name)
             _test_generation(model, tokenizer)
+        except ApostateError:
+            console.print("[red]failed[/]")  # ends the line before the error line
+            raise
         except DTYPE_FAILURES as error:
             failures.append(
                 f"{dtype_name}: "
@@ -86,6 +90,31 @@ def load_model(source: ModelSource, settings: Settings, tokenizer=None) -> Loade
         model = None
         gc.collect()
     raise ApostateError(f"could not load '{source.name}' with any dtype: " + "; ".join(failures))
+
+
+def consent_to_remote_code(source: ModelSource, settings: Settings, interactive: bool) -> Settings:
+    """The settings to load `source` with: a model that comes with its own Python code loads only
+    with --trust-remote-code, or when the user says yes when asked (interactive runs only)."""
+    from transformers import AutoConfig
+
+    if settings.trust_remote_code:
+        return settings
+    try:
+        AutoConfig.from_pretrained(source.location, revision=source.revision, trust_remote_code=False)
+        return settings
+    except ValueError as error:
+        if "trust_remote_code" not in str(error):
+            return settings  # another problem: `_check_config` reports it
+    except Exception:
+        return settings
+    what = f"model '{source.name}' comes with its own Python code, which loading it would run"
+    if not interactive:
+        raise ApostateError(f"{what}; read that code, and pass --trust-remote-code only if you trust its author")
+    import questionary
+
+    if not questionary.confirm(f"The {what}. Run it? (only if you trust its author)", default=False).ask():
+        raise ApostateError(f"{what}, and you declined; nothing was run")
+    return settings.model_copy(update={"trust_remote_code": True})
 
 
 def _check_config(source: ModelSource, settings: Settings) -> None:
@@ -117,14 +146,35 @@ def _from_pretrained(source: ModelSource, settings: Settings, dtype_name: str):
     if settings.quantization == "bnb_4bit":
         kwargs["quantization_config"] = _bnb_4bit_config(dtype)
     try:
-        with releasing_checkpoint_pages():  # quantizing or casting reads every page once
+        with releasing_checkpoint_pages(converting=_converts(source, dtype, settings)):
             return AutoModelForCausalLM.from_pretrained(source.location, **kwargs)
     except (OSError, SafetensorError) as error:  # missing or damaged weight files: no dtype would help
-        shard = _unreadable_shard(Path(source.location)) if source.is_local else None
+        folder = Path(source.location)
+        shard = _unreadable_shard(folder) if source.is_local else None
         where = f"{shard} is damaged or cut short" if shard else first_line(error)
+        if source.is_local and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+            where = f"folder {folder} has no weight files (*.safetensors)"
         raise ApostateError(
             f"cannot read the weights of '{source.name}': {where}; download or convert the model again"
         ) from None
+
+
+def _converts(source: ModelSource, dtype, settings: Settings) -> bool:
+    """Whether loading casts or quantizes the checkpoint (True where its dtype is unknown)."""
+    if settings.quantization != "none":
+        return True
+    if dtype == "auto":
+        return False
+    shards = sorted(Path(source.location).glob("*.safetensors")) if source.is_local else []
+    try:
+        with safe_open(shards[0], framework="pt") as shard:  # reads the header only
+            stored = Counter(shard.get_slice(name).get_dtype() for name in shard.keys())
+        return stored.most_common(1)[0][0] != _SAFETENSORS_DTYPES.get(dtype)
+    except (IndexError, SafetensorError, OSError):
+        return True
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
 def _unreadable_shard(folder: Path) -> Path | None:

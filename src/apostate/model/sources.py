@@ -33,11 +33,12 @@ class ModelSource:
 
     @property
     def run_name(self) -> str:
-        """A folder name for runs of this model."""
+        """A folder name for runs of this model: one path component, never `.`, `..` or hidden,
+        whatever the model's name holds (`../x`, absolute paths, `org/name`)."""
         base = Path(self.name).stem if self.name.lower().endswith(".gguf") else self.name.rstrip("/")
         if Path(base).is_absolute() or base.startswith("."):
-            base = Path(base).name
-        return re.sub(r"[^A-Za-z0-9._-]+", "--", base).strip("-") or "model"
+            base = Path(os.path.abspath(base)).name
+        return re.sub(r"[^A-Za-z0-9._-]+", "--", base).strip("-.") or "model"
 
 
 def resolve_source(model: str, revision: str | None, cache_dir: Path) -> ModelSource:

@@ -163,6 +163,7 @@ def _staged(output_dir: Path) -> Iterator[Path]:
     check_output_dir(output_dir)
     try:
         output_dir.parent.mkdir(parents=True, exist_ok=True)
+        _clean_up_killed_export(output_dir)
         staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.partial-", dir=output_dir.parent))
         staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a plain mkdir would not
     except OSError as error:
@@ -175,6 +176,22 @@ def _staged(output_dir: Path) -> Iterator[Path]:
         if _os_errno(error) is not None and not isinstance(error, ApostateError):
             raise _write_error(output_dir, error) from error
         raise
+
+
+def _clean_up_killed_export(output_dir: Path) -> None:
+    """Undo what a killed export of `output_dir` left beside it: its partial folder, and the
+    previous export moved aside but not yet replaced (a kill between `_swap_in`'s renames)."""
+    for sibling in sorted(output_dir.parent.iterdir()):
+        if sibling.name.startswith(f".{output_dir.name}.old-"):
+            aside = sibling / output_dir.name
+            if aside.is_dir() and not os.path.lexists(output_dir):
+                aside.rename(output_dir)
+                console.print(
+                    f"[yellow]Put the previous export back in {output_dir} (a killed export had moved it aside).[/]"
+                )
+            shutil.rmtree(sibling, ignore_errors=True)
+        elif sibling.name.startswith(f".{output_dir.name}.partial-"):
+            shutil.rmtree(sibling, ignore_errors=True)
 
 
 def _swap_in(staging: Path, output_dir: Path) -> None:

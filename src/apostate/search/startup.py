@@ -3,6 +3,7 @@ directions, and the base model's scores. Cached in the run folder, so a resumed 
 
 from __future__ import annotations
 
+import os
 import pickle
 import time
 import warnings
@@ -83,7 +84,9 @@ def prepare(
     startup = Startup(
         batch_size, prefix, directions, scorer.base_logprobs, base.refusals, scorer.base_responses(), seconds
     )
-    torch.save({"key": key, "version": CACHE_VERSION, "startup": asdict(startup)}, cache)
+    partial = cache.with_name(f".{cache.name}.partial")  # a kill while writing leaves no half cache
+    torch.save({"key": key, "version": CACHE_VERSION, "startup": asdict(startup)}, partial)
+    os.replace(partial, cache)
     return startup
 
 

@@ -27,7 +27,8 @@ STUDY_NAME = "apostate"
 JOURNAL = "study.journal"
 SET_TRIAL_STATE = 6  # the journal's op code for a trial's final state (Optuna's JournalOperation, not public)
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+# ERROR: Optuna logs a trial ended by Ctrl+C as a warning with its traceback; the trial loop says it in one line.
+optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
 def lock_run_dir(run_dir: Path):
