@@ -268,3 +268,19 @@ def test_debug_shows_the_traceback_behind_the_error_line(tmp_path, capsys):
     output = capsys.readouterr().err
     assert code == 2 and "Traceback" in output
     assert output.strip().splitlines()[-1].startswith("apostate: error: model folder")
+
+
+def test_pickled_weights_are_never_loaded(tmp_path, bad_input):
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tiny_model_folder(tmp_path / "tiny")
+    weights = folder / "model.safetensors"
+    torch.save(load_file(weights), folder / "pytorch_model.bin")  # what transformers would unpickle
+    weights.unlink()
+    code = main([str(folder), "--run-dir", str(tmp_path / "run"), "--dtypes", "float32"])
+    line = bad_input.error("security", "a model folder with pickled .bin weights only", code)
+    assert (
+        "only pickled .bin/.pt ones, which apostate never loads" in line
+        and "convert the weights to safetensors" in line
+    )

@@ -140,6 +140,7 @@ def _from_pretrained(source: ModelSource, settings: Settings, dtype_name: str):
         device_map=settings.device_map,
         revision=source.revision,
         trust_remote_code=settings.trust_remote_code,
+        use_safetensors=True,  # pickled .bin weights can run code when read: never loaded
     )
     if settings.max_memory:
         kwargs["max_memory"] = {_device_key(k): v for k, v in settings.max_memory.items()}
@@ -152,11 +153,16 @@ def _from_pretrained(source: ModelSource, settings: Settings, dtype_name: str):
         folder = Path(source.location)
         shard = _unreadable_shard(folder) if source.is_local else None
         where = f"{shard} is damaged or cut short" if shard else first_line(error)
-        if source.is_local and not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
-            where = f"folder {folder} has no weight files (*.safetensors)"
-        raise ApostateError(
-            f"cannot read the weights of '{source.name}': {where}; download or convert the model again"
-        ) from None
+        fix = "download or convert the model again"
+        if source.is_local and not any(folder.glob("*.safetensors")):
+            pickled = any(folder.glob("*.bin")) or any(folder.glob("*.pt"))
+            where = f"folder {folder} has no safetensors weight files" + (
+                " (only pickled .bin/.pt ones, which apostate never loads: reading them can run code)"
+                if pickled
+                else ""
+            )
+            fix = "convert the weights to safetensors" if pickled else fix
+        raise ApostateError(f"cannot read the weights of '{source.name}': {where}; {fix}") from None
 
 
 def _converts(source: ModelSource, dtype, settings: Settings) -> bool:

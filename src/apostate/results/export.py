@@ -110,7 +110,12 @@ def _merge_in_memory(
 
     console.print("Loading the base model at full precision on the CPU to merge into...")
     base = AutoModelForCausalLM.from_pretrained(
-        source.location, revision=source.revision, dtype="auto", device_map="cpu", trust_remote_code=trust_remote_code
+        source.location,
+        revision=source.revision,
+        dtype="auto",
+        device_map="cpu",
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,  # never pickled weights
     )
     with torch.no_grad(), track("merging", len(edits)) as advance:
         for edit in edits:
