@@ -161,3 +161,12 @@ def test_ctrl_c_and_a_kill_during_an_export_keep_the_previous_export(model_dir, 
     assert not list(run_dir.glob(".model.*"))  # the killed export's partial folder is cleaned up
     said = next(line.strip() for line in printed.splitlines() if line.startswith("Saved to"))
     bad_input.signalled("signal", "SIGKILL during export", code, f"(killed, prints nothing); run again: {said}")
+
+
+def test_sigterm_is_answered_like_ctrl_c(model_dir, tmp_path, bad_input):
+    run_dir = tmp_path / "run"
+    process, _ = start_paused(command(model_dir, run_dir), "trial", 1)
+    code, printed, seconds = signal_and_wait(process, signal.SIGTERM)
+    assert code == 130 and seconds < 20 and "Traceback" not in printed, printed
+    assert len(scores(run_dir)) == 1
+    bad_input.signalled("signal", "SIGTERM (`kill PID`) during trial", code, interrupted_line(printed))

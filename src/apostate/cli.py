@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import warnings
 
 from .errors import first_line
@@ -37,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from .pipeline import run
 
-    previous_handler = signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` cleans up like Ctrl+C
+    in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
+    previous_handler = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None  # `kill PID` = Ctrl+C
     try:
         return run(settings)
     except ApostateError as error:
@@ -53,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         message = f"internal error: {type(error).__name__}: {first_line(error)} (run again with --debug for the traceback, and please report it)"
         return _fail(console, message, 1)
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_handler)
 
 
 def _interrupt(signum, frame):
