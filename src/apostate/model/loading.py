@@ -46,7 +46,7 @@ def load_tokenizer(source: ModelSource, settings: Settings):
             source.location, revision=source.revision, trust_remote_code=settings.trust_remote_code
         )
     except Exception as error:
-        raise ApostateError(f"cannot load the tokenizer of '{source.name}': {first_line(error)}") from None
+        raise ApostateError(f"cannot load the tokenizer of '{source.name}': {_reason(error)}; {_fix(source)}") from None
     if settings.chat_template is not None:
         template_path = Path(settings.chat_template)
         is_file = len(settings.chat_template) < 4096 and template_path.is_file()
@@ -126,7 +126,20 @@ def _check_config(source: ModelSource, settings: Settings) -> None:
             source.location, revision=source.revision, trust_remote_code=settings.trust_remote_code
         )
     except Exception as error:
-        raise ApostateError(f"cannot load model '{source.name}': {first_line(error)}") from None
+        raise ApostateError(f"cannot load model '{source.name}': {_reason(error)}; {_fix(source)}") from None
+
+
+def _reason(error: BaseException) -> str:
+    return first_line(error).rstrip(".")
+
+
+def _fix(source: ModelSource) -> str:
+    """What to do when a model's files cannot be read."""
+    if source.is_local:
+        return "check that the folder holds a complete model"
+    return (
+        "check the model id and the network (a gated model needs HF_TOKEN or `hf auth login`), or give a local folder"
+    )
 
 
 def _from_pretrained(source: ModelSource, settings: Settings, dtype_name: str):

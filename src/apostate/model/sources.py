@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ApostateError
+from ..errors import ApostateError, first_line
 
 DEMO_NAME = "demo"
 CONVERSION_SHARD_SIZE = "500MB"
@@ -105,7 +105,8 @@ def _convert(gguf_path: Path, output: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     except Exception as error:
-        raise ApostateError(f"cannot read GGUF file {gguf_path}: {error}") from None
+        reason = first_line(error).rstrip(".")
+        raise ApostateError(f"cannot read GGUF file {gguf_path}: {reason}; download the file again") from None
     # A GGUF-loaded model remembers its quantizer; saving needs it gone.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
