@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -10,6 +13,15 @@ from apostate.decoding import PromptSet
 from apostate.prompts import Texts, load_prompt_splits
 from apostate.scoring.scorer import kl_divergence
 from apostate.settings import parse_command_line
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder`, by path within it."""
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 def run_and_save(model: str, run_dir, output, flags: list[str], *selection: str) -> int:

@@ -284,3 +284,10 @@ def test_pickled_weights_are_never_loaded(tmp_path, bad_input):
         "only pickled .bin/.pt ones, which apostate never loads" in line
         and "convert the weights to safetensors" in line
     )
+
+
+def test_debug_in_a_config_file_counts_too(tmp_path, capsys):
+    config = tmp_path / "debug.toml"
+    config.write_text("debug = true\n")
+    code = main([str(tmp_path / "missing-model"), "--config", str(config), "--run-dir", str(tmp_path / "run")])
+    assert code == 2 and "Traceback" in capsys.readouterr().err

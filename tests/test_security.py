@@ -12,7 +12,7 @@ import pytest
 from tiny import SMALL, tiny_model_folder
 
 from apostate.cli import main
-from apostate.model.loading import consent_to_remote_code
+from apostate.model.loading import check_model
 from apostate.model.sources import ModelSource
 from apostate.pipeline import run_dir_for
 from apostate.settings import parse_command_line
@@ -75,7 +75,7 @@ def test_model_code_is_asked_about_in_interactive_runs(model_with_code, tmp_path
     settings = parse_command_line([str(model_with_code)])
     source = ModelSource(str(model_with_code), str(model_with_code))
     assert not settings.trust_remote_code
-    assert consent_to_remote_code(source, settings, interactive=True).trust_remote_code  # said yes
+    assert check_model(source, settings, interactive=True).trust_remote_code  # said yes
     assert len(asked) == 2
 
 
@@ -85,7 +85,7 @@ def test_a_model_without_code_is_never_asked_about(tmp_path, monkeypatch):
     monkeypatch.setattr(questionary, "confirm", lambda *a, **k: pytest.fail("asked without a reason"))
     folder = tiny_model_folder(tmp_path / "tiny", layers=1)
     settings = parse_command_line([str(folder)])
-    assert consent_to_remote_code(ModelSource(str(folder), str(folder)), settings, True) is settings
+    assert check_model(ModelSource(str(folder), str(folder)), settings, True) is settings
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ final name, and the resumed study agrees with an uninterrupted run on every tria
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import signal
@@ -14,8 +13,9 @@ import threading
 import time
 from pathlib import Path
 
-import optuna
 import pytest
+from exports import hashes
+from test_end_to_end import load_study
 from tiny import SMALL
 
 from apostate.search.study import completed, finished
@@ -60,21 +60,9 @@ def run_to_the_end(arguments: list[str]) -> str:
     return done.stdout + done.stderr
 
 
-def study_of(run_dir: Path) -> optuna.Study:
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    storage = JournalStorage(JournalFileBackend(str(run_dir / "study.journal")))
-    return optuna.load_study(study_name="apostate", storage=storage)
-
-
 def scores(run_dir: Path) -> dict[int, tuple[dict, list[float] | None]]:
     """Every finished trial: number -> (parameters, objective values)."""
-    return {t.number: (t.params, t.values) for t in finished(study_of(run_dir))}
-
-
-def hashes(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+    return {t.number: (t.params, t.values) for t in finished(load_study(run_dir))}
 
 
 def interrupted_line(printed: str) -> str:
@@ -129,7 +117,7 @@ def test_ctrl_c_then_a_kill_then_the_same_command_loses_nothing(phase, model_dir
 
 
 def front(run_dir: Path, numbers: list[int]) -> list[tuple[int, list[float]]]:
-    trials = [t for t in completed(study_of(run_dir)) if t.number in numbers]
+    trials = [t for t in completed(load_study(run_dir)) if t.number in numbers]
     return sorted(
         (t.number, t.values)
         for t in trials
@@ -142,7 +130,7 @@ def test_ctrl_c_and_a_kill_during_an_export_keep_the_previous_export(model_dir, 
     shutil.copytree(reference, run_dir)
     model = run_dir / "model"
     before, exported = hashes(model), json.loads((model / "apostate.json").read_text())["trial"]
-    other = next(t.number for t in completed(study_of(run_dir)) if t.number != exported)
+    other = next(t.number for t in completed(load_study(run_dir)) if t.number != exported)
     arguments = command(model_dir, run_dir, "--trial", str(other))
 
     process, _ = start_paused(arguments, "export")

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .pipeline import run
 
+    debug = debug or settings.debug  # `debug = true` in a config file
     in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
     previous_handler = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None  # `kill PID` = Ctrl+C
     try:
@@ -64,7 +65,8 @@ def _interrupt(signum, frame):
 
 
 def _debug_asked(argv: list[str]) -> bool:
-    """--debug, read before the settings parse, so that their errors can show a traceback too."""
+    """--debug (or APOSTATE_DEBUG) read before the settings parse, so that their errors can show a
+    traceback too; `debug` in a config file counts once the settings are read."""
     flag = any(arg in ("--debug", "--debug=true", "--debug=True") for arg in argv)
     return flag or os.environ.get("APOSTATE_DEBUG", "").lower() in ("1", "true")
 

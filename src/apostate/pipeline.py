@@ -4,7 +4,6 @@ quantities, search, then show the Pareto front and act on the chosen trial."""
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,10 +17,10 @@ from .methods.ara.captures import capture_for_fitting
 from .methods.context import MethodContext
 from .model.adapter import Adapter, attach_adapter
 from .model.architecture import Architecture, discover
-from .model.loading import LoadedModel, consent_to_remote_code, load_tokenizer
+from .model.loading import LoadedModel, check_model, load_tokenizer
 from .model.sources import ModelSource, resolve_source
 from .monitor import PhaseMonitor, median_trial_phases
-from .progress import console
+from .progress import can_ask, console
 from .prompts import PromptSplits, Texts, load_prompt_splits
 from .results import export
 from .scoring import Scorer, build_scorer
@@ -81,7 +80,7 @@ def run(settings: Settings) -> int:
     """The whole job; returns the exit code."""
     source = resolve_source(settings.model, settings.model_revision, settings.cache_path())
     if not settings.show_results:  # which loads no model
-        settings = consent_to_remote_code(source, settings, interactive=not settings.headless and sys.stdin.isatty())
+        settings = check_model(source, settings, can_ask(settings.headless))
     run_dir = run_dir_for(settings, source)
     lock = lock_run_dir(run_dir)
     session = None

@@ -24,6 +24,11 @@ from rich.progress import (
 console = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
 
 
+def can_ask(headless: bool) -> bool:
+    """Whether a run may ask the user: not headless, and a terminal to ask on."""
+    return not headless and sys.stdin.isatty()
+
+
 class ProgressBars:
     """The one live Progress display, started with the first open bar and stopped with the last."""
 

@@ -4,7 +4,6 @@ intact and leave nothing half-written; a bad output path is refused before any w
 from __future__ import annotations
 
 import errno
-import hashlib
 import shutil
 import subprocess
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from exports import hashes
 from test_export import SUMMARY, random_edits, state_dict_of
 from tiny import tiny_model_folder, tiny_tokenizer
 from transformers import AutoModelForCausalLM
@@ -22,14 +22,6 @@ from apostate.model.architecture import discover
 from apostate.model.sources import ModelSource
 from apostate.results import export, merge
 from apostate.results.export import save_adapter, save_merged
-
-
-def hashes(folder: Path) -> dict[str, str]:
-    return {
-        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    }
 
 
 def leftovers(parent: Path, name: str) -> list[str]:

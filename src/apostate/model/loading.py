@@ -62,8 +62,8 @@ def load_tokenizer(source: ModelSource, settings: Settings):
 
 
 def load_model(source: ModelSource, settings: Settings, tokenizer=None) -> LoadedModel:
-    """Try each dtype in turn; keep the first that loads and generates a finite first token."""
-    _check_config(source, settings)
+    """Try each dtype in turn; keep the first that loads and generates a finite first token.
+    (`check_model` first reads the config: a missing model is one line there, before any work.)"""
     tokenizer = tokenizer or load_tokenizer(source, settings)
     failures = []
     for dtype_name in settings.dtypes:
@@ -92,21 +92,22 @@ def load_model(source: ModelSource, settings: Settings, tokenizer=None) -> Loade
     raise ApostateError(f"could not load '{source.name}' with any dtype: " + "; ".join(failures))
 
 
-def consent_to_remote_code(source: ModelSource, settings: Settings, interactive: bool) -> Settings:
-    """The settings to load `source` with: a model that comes with its own Python code loads only
-    with --trust-remote-code, or when the user says yes when asked (interactive runs only)."""
+def check_model(source: ModelSource, settings: Settings, interactive: bool) -> Settings:
+    """Read the model's config once before anything is loaded: one clear line when it cannot be
+    found (offline, typo, gated); the settings to load it with otherwise.
+
+    A model that comes with its own Python code loads only with --trust-remote-code, or when the
+    user says yes when asked (interactive runs only)."""
     from transformers import AutoConfig
 
-    if settings.trust_remote_code:
-        return settings
     try:
-        AutoConfig.from_pretrained(source.location, revision=source.revision, trust_remote_code=False)
+        AutoConfig.from_pretrained(
+            source.location, revision=source.revision, trust_remote_code=settings.trust_remote_code
+        )
         return settings
-    except ValueError as error:
-        if "trust_remote_code" not in str(error):
-            return settings  # another problem: `_check_config` reports it
-    except Exception:
-        return settings
+    except Exception as error:
+        if settings.trust_remote_code or "trust_remote_code" not in str(error):
+            raise ApostateError(f"cannot load model '{source.name}': {_reason(error)}; {_fix(source)}") from None
     what = f"model '{source.name}' comes with its own Python code, which loading it would run"
     if not interactive:
         raise ApostateError(f"{what}; read that code, and pass --trust-remote-code only if you trust its author")
@@ -115,18 +116,6 @@ def consent_to_remote_code(source: ModelSource, settings: Settings, interactive:
     if not questionary.confirm(f"The {what}. Run it? (only if you trust its author)", default=False).ask():
         raise ApostateError(f"{what}, and you declined; nothing was run")
     return settings.model_copy(update={"trust_remote_code": True})
-
-
-def _check_config(source: ModelSource, settings: Settings) -> None:
-    """Fail early, with one line, when the model cannot be found (offline, typo, gated)."""
-    from transformers import AutoConfig
-
-    try:
-        AutoConfig.from_pretrained(
-            source.location, revision=source.revision, trust_remote_code=settings.trust_remote_code
-        )
-    except Exception as error:
-        raise ApostateError(f"cannot load model '{source.name}': {_reason(error)}; {_fix(source)}") from None
 
 
 def _reason(error: BaseException) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 
 from ..errors import ApostateError
-from ..progress import console
+from ..progress import can_ask, console
 from ..prompts import Texts, load_prompt_splits
 from ..scoring import Scores, build_scorer, scores_line
 from ..search.pareto import pareto_trials, trial_record
@@ -163,11 +163,12 @@ def _print_comparison(label: str, base: Scores, scores: Scores) -> None:
 def evaluate_other_model(settings, source) -> int:
     """--evaluate-model: score another model against the base on the held-out prompts."""
     from ..decoding import CpuKernels
-    from ..model.loading import load_tokenizer
+    from ..model.loading import check_model, load_tokenizer
     from ..model.sources import resolve_source
     from ..search.startup import load_for_trials
 
     other_source = resolve_source(settings.evaluate_model, None, settings.cache_path())
+    other_settings = check_model(other_source, settings, can_ask(settings.headless))
     prompts = load_prompt_splits(settings)
     tokenizer = load_tokenizer(source, settings)
     texts = Texts(tokenizer, settings, prompts, settings.response_prefix or "")
@@ -180,7 +181,7 @@ def evaluate_other_model(settings, source) -> int:
     kernels.restore()
     del loaded
     gc.collect()
-    other = load_for_trials(other_source, settings, tokenizer, kernels)
+    other = load_for_trials(other_source, other_settings, tokenizer, kernels)
     try:
         scores = scorer.score(other.model)
     finally:
