@@ -5,7 +5,7 @@ A test of a bad input takes the `bad_input` fixture and hands it what apostate d
 the exit code is not 0, that exactly one `apostate: error:` line came out and no traceback),
 `bad_input.raised(area, what, excinfo)` for an `ApostateError` caught in-process, and
 `bad_input.signalled(area, what, code, line)` for a signal. Each records a row: area, input,
-exit code, the message (temporary paths as `<tmp>`), and the test.
+exit code, the message (temporary paths as `<tmp>`, local servers' ports as `<port>`), and the test.
 
 At the end of the session the rows recorded are compared with the table: a row that differs,
 or a test missing from it, fails the run. `python -m pytest --write-bad-input-table` writes
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
-AREAS = ("model source", "settings", "prompt source", "run folder", "export", "signal", "security")
+AREAS = ("model source", "settings", "prompt source", "judge", "run folder", "export", "signal", "security")
 HEADER = """# Bad input, faults and signals: what apostate does
 
 Every row is a test (`tests/`), and this table is what those tests saw: the exit code and the
@@ -84,6 +84,7 @@ class BadInputRecorder:
         node = self.request.node
         test = f"{Path(node.path).relative_to(TABLE.parents[1]).as_posix()}::{node.name}"
         message = re.sub(re.escape(str(self.basetemp)) + r"/[^/\s']+", "<tmp>", " ".join(message.split()))
+        message = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:<port>", message)  # local test servers' free ports
         self.request.config.stash.setdefault(ROWS, []).append(Row(area, what, str(code), message, test))
 
 

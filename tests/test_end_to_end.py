@@ -166,9 +166,11 @@ class _FakeScorer:
         assert edited_layers == {3}  # the trial loop tells the scorer what the method edited
         return self._kl
 
-    def count_refusals(self, model, edited_layers=None):
+    def count(self, model, edited_layers=None):
+        from apostate.scoring.verdicts import VerdictCounts
+
         self.counted += 1
-        return 1
+        return VerdictCounts(refusals=1, broken=0, total=2)
 
 
 @pytest.mark.parametrize(("broken", "kl"), [(True, 0.01), (False, 7.5)])

@@ -24,6 +24,8 @@ from .progress import can_ask, console
 from .prompts import PromptSplits, Texts, load_prompt_splits
 from .results import export
 from .scoring import Scorer, build_scorer
+from .scoring.judges import Judge, build_judge
+from .search.judged import judge_front
 from .search.pareto import BaseScores, plot_front, print_front, write_pareto
 from .search.startup import CACHE_FILE, Startup, load_for_trials, prepare
 from .search.study import JOURNAL, completed, finished, lock_run_dir, open_study
@@ -47,6 +49,7 @@ class Session:
     startup: Startup
     texts: Texts
     scorer: Scorer
+    judge: Judge | None  # re-scores the front after the search (None: the markers' counts stand)
 
     @property
     def model(self):
@@ -145,6 +148,9 @@ def _search_and_act(session: Session, monitor: PhaseMonitor) -> int:
     if not completed(session.study):
         console.print("No finished trials yet.")
         return 0 if done else 130
+    if done and session.judge is not None:
+        with monitor.phase("judge the front"):
+            judge_front(session, session.judge)
     show_results(session)
     if done:
         from .results.actions import act
@@ -152,6 +158,7 @@ def _search_and_act(session: Session, monitor: PhaseMonitor) -> int:
         chosen = ", ".join(settings.actions or ["none"]) if settings.headless else "interactive"
         with monitor.phase(f"chosen trial: {chosen}"):
             act(session)
+        _save_front(session)  # with the held-out scores an evaluation added
     _report_phases(session, monitor)
     return 0 if done else 130
 
@@ -162,6 +169,10 @@ def start_session(
     """Load the model and measure what its trials need; `study`: the run folder's, opened already."""
     study = study or _open_run_study(settings, source, run_dir)
     prompts: PromptSplits = load_prompt_splits(settings)
+    judge = None
+    if settings.judge.kind != "markers":
+        with monitor.phase("load and check the judge"):
+            judge = build_judge(settings, run_dir)  # before the model: a judge that cannot work stops the run now
     console.print(f"Loading model [bold]{source.name}[/]...")
     method_type = method_class(settings.method)
     with monitor.phase("load model"):
@@ -190,7 +201,7 @@ def start_session(
             context.captures = capture_for_fitting(adapter, tokenizer, device, settings, texts, startup.batch_size)
     method = method_type(context)
     study.set_user_attr("base_refusals", startup.base_refusals)
-    parts = (loaded, kernels, architecture, adapter, method, study, startup, texts, scorer)
+    parts = (loaded, kernels, architecture, adapter, method, study, startup, texts, scorer, judge)
     return Session(settings, source, run_dir, *parts)
 
 

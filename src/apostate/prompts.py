@@ -5,14 +5,19 @@ from __future__ import annotations
 import csv
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ApostateError, first_line
-from .settings import PromptSetSpec, Settings
+
+if TYPE_CHECKING:
+    from .settings import PromptSetSpec, Settings
 
 PROMPT_COLUMNS = ("prompt", "text", "instruction", "question", "goal")
+CATEGORY_COLUMN = "category"  # .jsonl, .csv and datasets may tag each prompt (harm categories)
+Row = tuple[str, "str | None"]  # a prompt and its category
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".csv")
 
 
@@ -27,19 +32,23 @@ class PromptSplit:
 
 @dataclass(frozen=True)
 class PromptSplits:
-    """Both sides' prompts, each split."""
+    """Both sides' prompts, each split; `categories`: the category of each tagged prompt."""
 
     harmless: PromptSplit
     harmful: PromptSplit
+    categories: dict[str, str] = field(default_factory=dict)
 
 
 def load_prompt_splits(settings: Settings) -> PromptSplits:
-    harmless = load_prompts(settings.harmless)
-    harmful = load_prompts(settings.harmful)
+    harmless_rows = load_prompt_rows(settings.harmless)
+    harmful_rows = load_prompt_rows(settings.harmful)
+    harmless, harmful = [p for p, _ in harmless_rows], [p for p, _ in harmful_rows]
     _refuse_shared_prompts(harmless, harmful, settings)
+    categories = {prompt: category for prompt, category in harmless_rows + harmful_rows if category}
     return PromptSplits(
-        harmless=split_prompts(harmless, settings.harmless, "harmless"),
-        harmful=split_prompts(harmful, settings.harmful, "harmful"),
+        harmless=split_prompts(harmless, settings.harmless, "harmless", categories),
+        harmful=split_prompts(harmful, settings.harmful, "harmful", categories),
+        categories=categories,
     )
 
 
@@ -76,22 +85,35 @@ class Texts:
 
 def load_prompts(spec: PromptSetSpec) -> list[str]:
     """All prompts of a source, stripped, deduplicated, in source order."""
+    return [prompt for prompt, _ in load_prompt_rows(spec)]
+
+
+def load_prompt_rows(spec: PromptSetSpec) -> list[Row]:
+    """All prompts of a source with their categories (None where untagged), stripped,
+    deduplicated (the first category of a repeated prompt stands), in source order."""
     source = spec.source
     if source.startswith("bundled:"):
-        prompts = _read_bundled(source.removeprefix("bundled:"))
+        rows = _read_bundled(source.removeprefix("bundled:"))
     elif Path(source).suffix.lower() in LOCAL_SUFFIXES or Path(source).exists():
-        prompts = _read_local(Path(source), spec.column)
+        rows = _read_local(Path(source), spec.column)
     else:
-        prompts = _read_dataset(spec)
-    unique = list(dict.fromkeys(p.strip() for p in prompts if p and p.strip()))
+        rows = _read_dataset(spec)
+    unique: dict[str, str | None] = {}
+    for prompt, category in rows:
+        if prompt and prompt.strip():
+            unique.setdefault(prompt.strip(), category.strip() if category and category.strip() else None)
     if not unique:
         raise ApostateError(f"prompt source '{source}' holds no prompts")
-    return [spec.prefix + p + spec.suffix for p in unique]
+    return [(spec.prefix + prompt + spec.suffix, category) for prompt, category in unique.items()]
 
 
-def split_prompts(prompts: list[str], spec: PromptSetSpec, side: str | None = None) -> PromptSplit:
+def split_prompts(
+    prompts: list[str], spec: PromptSetSpec, side: str | None = None, categories: dict[str, str] | None = None
+) -> PromptSplit:
     """Shuffle with the spec's seed, then cut direction / evaluation / held-out slices.
 
+    With `categories` (of tagged prompts), the shuffled prompts are dealt out category by
+    category in turn, so every slice covers the categories evenly.
     `side`: harmless or harmful, to name its settings in an error."""
     needed = spec.direction_count + spec.evaluation_count + spec.heldout_count
     if needed > len(prompts):
@@ -103,6 +125,8 @@ def split_prompts(prompts: list[str], spec: PromptSetSpec, side: str | None = No
         )
     shuffled = list(prompts)
     random.Random(spec.shuffle_seed).shuffle(shuffled)
+    if categories and any(prompt in categories for prompt in shuffled):
+        shuffled = _dealt_by_category(shuffled, categories)
     first = spec.direction_count
     second = first + spec.evaluation_count
     return PromptSplit(
@@ -112,14 +136,29 @@ def split_prompts(prompts: list[str], spec: PromptSetSpec, side: str | None = No
     )
 
 
-def _read_bundled(name: str) -> list[str]:
-    resource = resources.files("apostate") / "data" / f"{name}.txt"
-    if not resource.is_file():
+def _dealt_by_category(prompts: list[str], categories: dict[str, str]) -> list[str]:
+    """The i-th prompt of every category (in order of first appearance), then the (i+1)-th, ..."""
+    rank: dict[str, int] = {}
+    first_seen: dict[str, int] = {}
+    keys = {}
+    for prompt in prompts:
+        category = categories.get(prompt, "")
+        first_seen.setdefault(category, len(first_seen))
+        keys[prompt] = (rank.get(category, 0), first_seen[category])
+        rank[category] = rank.get(category, 0) + 1
+    return sorted(prompts, key=keys.__getitem__)
+
+
+def _read_bundled(name: str) -> list[Row]:
+    data = resources.files("apostate") / "data"
+    if (data / f"{name}.jsonl").is_file():  # tagged with categories
+        return _jsonl_rows((data / f"{name}.jsonl").read_text(encoding="utf-8"), None, Path(f"bundled:{name}"))
+    if not (data / f"{name}.txt").is_file():
         raise ApostateError(f"there is no bundled prompt set '{name}' (use bundled:harmless or bundled:harmful)")
-    return resource.read_text(encoding="utf-8").splitlines()
+    return [(line, None) for line in (data / f"{name}.txt").read_text(encoding="utf-8").splitlines()]
 
 
-def _read_local(path: Path, column: str | None) -> list[str]:
+def _read_local(path: Path, column: str | None) -> list[Row]:
     if path.is_dir():
         raise ApostateError(
             f"prompt source {path} is a folder; give a .txt, .jsonl or .csv file, "
@@ -130,14 +169,14 @@ def _read_local(path: Path, column: str | None) -> list[str]:
     text = _read_text(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return _jsonl_values(text, column, path)
+        return _jsonl_rows(text, column, path)
     if suffix == ".csv":
         try:
             rows = list(csv.DictReader(text.splitlines()))
         except csv.Error as error:
             raise ApostateError(f"{path}: not valid CSV ({error}); save it as CSV with a header line") from None
         return _column_values(rows, column, str(path))
-    return text.splitlines()
+    return [(line, None) for line in text.splitlines()]
 
 
 def _read_text(path: Path) -> str:
@@ -156,7 +195,7 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
-def _jsonl_values(text: str, column: str | None, path: Path) -> list[str]:
+def _jsonl_rows(text: str, column: str | None, path: Path) -> list[Row]:
     """The prompts of a .jsonl file: every line a JSON string, or every line a JSON object."""
     rows: list[tuple[int, str | dict]] = []
     for number, line in enumerate(text.splitlines(), start=1):
@@ -178,14 +217,14 @@ def _jsonl_values(text: str, column: str | None, path: Path) -> list[str]:
             )
         rows.append((number, row))
     if not rows or isinstance(rows[0][1], str):
-        return [row for _, row in rows]
+        return [(row, None) for _, row in rows]
     name = _prompt_column(rows[0][1].keys(), column, str(path))
     for number, row in rows:
         if name not in row:
             raise ApostateError(
                 f"{path}:{number}: no key '{name}' (it has: {', '.join(row) or 'none'}); every line needs '{name}'"
             )
-    return [str(row[name] or "") for _, row in rows]
+    return [(str(row[name] or ""), _category(row)) for _, row in rows]
 
 
 def _json_kind(value) -> str:
@@ -205,15 +244,20 @@ def _prompt_column(keys, column: str | None, where: str) -> str:
     return name
 
 
-def _column_values(rows: list, column: str | None, where: str) -> list[str]:
-    """The prompt column of rows (dicts)."""
+def _column_values(rows: list, column: str | None, where: str) -> list[Row]:
+    """The prompt column of rows (dicts), with the category column where there is one."""
     if not rows:
         return []
     name = _prompt_column(rows[0].keys(), column, where)
-    return [str(row.get(name) or "") for row in rows]
+    return [(str(row.get(name) or ""), _category(row)) for row in rows]
 
 
-def _read_dataset(spec: PromptSetSpec) -> list[str]:
+def _category(row: dict) -> str | None:
+    value = row.get(CATEGORY_COLUMN)
+    return str(value) if value not in (None, "") else None
+
+
+def _read_dataset(spec: PromptSetSpec) -> list[Row]:
     """A Hugging Face dataset; any failure (offline, unknown id, bad split) is one clear line."""
     import datasets
 

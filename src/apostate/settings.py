@@ -35,6 +35,7 @@ from .errors import ApostateError, first_line
 from .methods import METHODS as REGISTERED_METHODS
 from .methods.ara.settings import AraSettings
 from .methods.directional.settings import SearchSpace
+from .scoring.judges.settings import JudgeSettings
 
 METHODS: tuple[str, ...] = tuple(REGISTERED_METHODS)
 MethodName = Literal[METHODS]  # the names in the methods' registry
@@ -232,6 +233,10 @@ class Settings(BaseSettings):
         DEFAULT_REFUSAL_MARKERS,
         min_length=1,
         description="A response containing any of these (case, apostrophes and markdown normalized) counts as a refusal.",
+    )
+    judge: JudgeSettings = Field(
+        default_factory=JudgeSettings,
+        description="The judge that re-scores the Pareto front and the chosen trial: refusal, compliance or broken.",
     )
 
     # --- Method ----------------------------------------------------------------------

@@ -11,7 +11,9 @@ from ..errors import ApostateError
 from ..progress import can_ask, console
 from ..prompts import Texts, load_prompt_splits
 from ..scoring import Scores, build_scorer, scores_line
-from ..search.pareto import pareto_trials, trial_record
+from ..scoring.verdicts import Verdict, VerdictCounts
+from ..search.judged import judge_front
+from ..search.pareto import count_text, failures, judged_counts, pareto_trials, trial_record
 from ..search.study import completed
 from .export import TrialSummary, save_adapter, save_merged
 
@@ -24,7 +26,8 @@ ACTION_LABELS = {
 
 
 def pick_trial(session) -> optuna.trial.FrozenTrial:
-    """--trial N, else (headless) the fewest refusals among Pareto trials with KL <= pick_max_kl."""
+    """--trial N, else (headless) the fewest failures (refusals and broken responses; the judge's
+    counts where it re-scored the front) among Pareto trials with KL <= pick_max_kl."""
     settings = session.settings
     if settings.trial is not None:
         by_number = {t.number: t for t in completed(session.study)}
@@ -36,13 +39,20 @@ def pick_trial(session) -> optuna.trial.FrozenTrial:
     if not within:
         console.print(f"[yellow]No Pareto trial has KL <= {settings.pick_max_kl}; taking the lowest-KL one.[/]")
         return min(front, key=lambda t: t.user_attrs["kl"])
-    return min(within, key=lambda t: (t.user_attrs["refusals"], t.user_attrs["kl"]))
+    return min(within, key=lambda t: (_judged_failures(session.study, t), t.user_attrs["kl"]))
+
+
+def _judged_failures(study, trial) -> int:
+    counts = judged_counts(study, trial.number)
+    return counts["refusals"] + counts["broken"] if counts else failures(trial)
 
 
 def act(session) -> None:
     if session.settings.headless:
         trial = pick_trial(session)
-        _announce(trial)
+        if session.judge is not None:
+            judge_front(session, session.judge, extra=[trial])
+        _announce(session.study, trial)
         session.restore(trial)
         for action in session.settings.actions:
             perform(session, trial, action)
@@ -55,7 +65,9 @@ def _interactive(session) -> None:
 
     while True:
         front = pareto_trials(session.study)
-        choices = [questionary.Choice(f"Trial {t.number:>3}: {_trial_scores(t)}", value=t) for t in front]
+        choices = [
+            questionary.Choice(f"Trial {t.number:>3}: {_trial_scores(session.study, t)}", value=t) for t in front
+        ]
         trial = questionary.select("Which trial?", choices=choices + [questionary.Choice("Quit", value=None)]).ask()
         if trial is None:
             return
@@ -74,13 +86,15 @@ def _interactive(session) -> None:
                 console.print(f"[red]error:[/] {error}")
 
 
-def _trial_scores(trial) -> str:
+def _trial_scores(study, trial) -> str:
     attrs = trial.user_attrs
-    return scores_line(attrs["refusals"], attrs["total"], attrs["kl"])
+    line = scores_line(attrs["refusals"], attrs["total"], attrs["kl"], attrs.get("broken", 0))
+    judged = judged_counts(study, trial.number)
+    return f"{line} (judged: {count_text(judged)})" if judged else line
 
 
-def _announce(trial) -> None:
-    console.print(f"Using trial [bold]{trial.number}[/]: {_trial_scores(trial)}")
+def _announce(study, trial) -> None:
+    console.print(f"Using trial [bold]{trial.number}[/]: {_trial_scores(study, trial)}")
 
 
 def perform(session, trial, action: str) -> None:
@@ -116,8 +130,11 @@ def perform(session, trial, action: str) -> None:
 
 
 def _summary(session, trial) -> TrialSummary:
-    record = trial_record(trial)
-    scores = {"evaluation": {"refusals": record["refusals"], "total": record["total"], "kl": record["kl"]}}
+    record = trial_record(trial, judged_counts(session.study, trial.number))
+    evaluation = {key: record[key] for key in ("refusals", "broken", "total", "kl")}
+    if "judged" in record:
+        evaluation["judged"] = record["judged"]
+    scores = {"evaluation": evaluation}
     heldout = trial.user_attrs.get("heldout") or session.study.user_attrs.get(f"heldout_{trial.number}")
     if heldout:
         scores["held-out"] = heldout
@@ -132,21 +149,65 @@ def _summary(session, trial) -> TrialSummary:
 
 
 def evaluate_heldout(session, trial) -> Scores:
-    """Refusals and KL of a trial on the held-out prompts (never seen by the search)."""
+    """Refusals and KL of a trial on the held-out prompts (never seen by the search); with a
+    judge, its counts on the full responses too; refusals per harm category where prompts have one."""
     _require_heldout(session.texts)
     loaded = session.loaded
     args = (session.kernels, session.settings, session.startup.batch_size, session.texts)
     scorer = build_scorer(loaded.tokenizer, loaded.device, *args, subset="heldout")
     session.method.reset()
     base = scorer.record_base(session.model)
+    base_verdicts = _judged_verdicts(session, scorer)
     session.restore(trial)
-    scores = scorer.score(session.model)
+    kl = scorer.kl(session.model)
+    verdicts = scorer.verdicts(session.model)
+    counts = VerdictCounts.of(verdicts)
+    scores = Scores(kl, counts.refusals, counts.total, counts.broken)
     _print_comparison("held-out", base, scores)
-    session.study.set_user_attr(
-        f"heldout_{trial.number}",
-        {"refusals": scores.refusals, "total": scores.total, "kl": scores.kl, "base_refusals": base.refusals},
-    )
+    record = {**counts.as_dict(), "kl": kl, "base_refusals": base.refusals}
+    judged = _judged_verdicts(session, scorer)
+    if judged is not None:
+        record["judged"] = {**VerdictCounts.of(judged).as_dict(), "judge": session.judge.name}
+        record["base_judged"] = VerdictCounts.of(base_verdicts).as_dict()
+        console.print(
+            f"held-out, judged by {session.judge.name}: base model {count_text(record['base_judged'])}; "
+            f"this model {count_text(record['judged'])}"
+        )
+    categories = [session.texts.prompts.categories.get(prompt) for prompt in scorer.harmful_prompts]
+    if any(categories):
+        record["categories"] = by_category(judged or verdicts, categories)
+        record["categories_judge"] = session.judge.name if judged is not None else scorer.judge.name
+        print_categories(record["categories"], record["categories_judge"])
+    session.study.set_user_attr(f"heldout_{trial.number}", record)
     return scores
+
+
+def _judged_verdicts(session, scorer) -> list[Verdict] | None:
+    """The judge's verdicts on the model's full responses as it stands (None without a judge)."""
+    if session.judge is None:
+        return None
+    responses = scorer.responses(session.model, early_stop=False)
+    return session.judge.verdicts(scorer.harmful_prompts, responses)
+
+
+def by_category(verdicts: list[Verdict], categories: list[str | None]) -> dict[str, dict]:
+    """Counts per category, categories in order of first appearance (untagged prompts: 'other')."""
+    grouped: dict[str, list[Verdict]] = {}
+    for verdict, category in zip(verdicts, categories, strict=True):
+        grouped.setdefault(category or "other", []).append(verdict)
+    return {category: VerdictCounts.of(group).as_dict() for category, group in sorted(grouped.items())}
+
+
+def print_categories(counts: dict[str, dict], judge_name: str) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"Held-out refusals by category ({judge_name})")
+    for column in ("Category", "Refused", "Broken", "Answered"):
+        table.add_column(column, justify="left" if column == "Category" else "right")
+    for category, row in counts.items():
+        answered = row["total"] - row["refusals"] - row["broken"]
+        table.add_row(category, f"{row['refusals']}/{row['total']}", str(row["broken"]), str(answered))
+    console.print(table)
 
 
 def _require_heldout(texts: Texts) -> None:

@@ -41,7 +41,7 @@ class TrialSummary:
     trial_number: int
     raw_parameters: dict  # Optuna's params, enough to rebuild the trial
     parameters: dict  # the method's own description
-    scores: dict  # label -> {"refusals", "total", "kl"}
+    scores: dict  # label -> {"refusals", "broken", "total", "kl", and "judged": {...} where a judge re-scored}
     settings: dict = field(default_factory=dict)
 
 
@@ -262,10 +262,36 @@ def _write_card(output_dir: Path, source: ModelSource, summary: TrialSummary, me
     (output_dir / "README.md").write_text(_card_text(source, summary, merged))
 
 
+def _score_rows(scores: dict) -> str:
+    """The card's score table: the markers' counts (the search's), and the judge's beside them."""
+    judges = {s["judged"]["judge"] for s in scores.values() if s.get("judged")}
+    judged_header = f" Judged by {', '.join(sorted(judges))} |" if judges else ""
+    lines = [
+        f"| Prompts | Refusals (markers) | Broken (markers) |{judged_header} KL divergence from the base model |",
+        "| :--- | ---: | ---: |" + (" :--- |" if judges else "") + " ---: |",
+    ]
+    for label, s in scores.items():
+        judged = s.get("judged")
+        judged_cell = (
+            f" {judged['refusals']}/{judged['total']} refused, {judged['broken']} broken |" if judged else " - |"
+        )
+        lines.append(
+            f"| {label} | {s['refusals']}/{s['total']} | {s.get('broken', 0)} |{judged_cell if judges else ''} "
+            f"{s['kl']:.4f} |"
+        )
+    for label, s in scores.items():
+        if s.get("categories"):
+            lines += ["", f"Refusals on the {label} prompts by category ({s['categories_judge']}):", ""]
+            lines += ["| Category | Refused | Broken |", "| :--- | ---: | ---: |"]
+            lines += [
+                f"| {category} | {row['refusals']}/{row['total']} | {row['broken']} |"
+                for category, row in s["categories"].items()
+            ]
+    return "\n".join(lines)
+
+
 def _card_text(source: ModelSource, summary: TrialSummary, merged: bool) -> str:
-    rows = "\n".join(
-        f"| {label} | {s['refusals']}/{s['total']} | {s['kl']:.4f} |" for label, s in summary.scores.items()
-    )
+    rows = _score_rows(summary.scores)
     kind = "a merged model" if merged else "a LoRA adapter for the base model"
     base_line = f"base_model: {source.name}\n" if source.name != "demo" else ""
     return f"""---
@@ -281,11 +307,12 @@ This is {kind} made with [apostate](https://pypi.org/project/apostate/) {__versi
 which removes refusal behaviour from chat models while keeping them as close to the
 original as possible. Method: **{summary.method}**, trial {summary.trial_number}.
 
-| Evaluation | Refusals | KL divergence from the base model |
-| :--- | ---: | ---: |
 {rows}
 
-KL divergence is measured on the first-token distributions of harmless prompts.
+KL divergence is measured on the first-token distributions of harmless prompts. Refusals
+(markers) count responses to harmful prompts that hold a refusal phrase; broken ones are
+repetition loops, text in another language or garbage; a judge, where one was set, labels the
+full responses as refusal, compliance or broken.
 The exact parameters and settings are in `apostate.json`.
 
 ## Parameters

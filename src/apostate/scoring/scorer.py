@@ -1,8 +1,10 @@
-"""How far a model moved: KL divergence of first-token distributions, and refusal counts."""
+"""How far a model moved: KL divergence of first-token distributions, and what its responses to
+harmful prompts are (refusals, real answers, broken text), as a judge counts them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -10,8 +12,11 @@ import torch.nn.functional as F
 from ..decoding import CpuKernels, PromptSet
 from ..progress import track
 from ..prompts import Texts
-from ..settings import Settings
-from .refusals import RefusalDetector
+from .judges import MarkerJudge
+from .verdicts import Verdict, VerdictCounts
+
+if TYPE_CHECKING:
+    from ..settings import Settings
 
 
 @dataclass(frozen=True)
@@ -19,19 +24,22 @@ class Scores:
     kl: float
     refusals: int
     total: int
+    broken: int = 0
 
     @property
     def refusal_rate(self) -> float:
         return self.refusals / self.total if self.total else 0.0
 
     def __str__(self) -> str:
-        return scores_line(self.refusals, self.total, self.kl)
+        return scores_line(self.refusals, self.total, self.kl, self.broken)
 
 
-def scores_line(refusals: int, total: int, kl: float) -> str:
-    """'refusals 4/50 (8.0%), KL 0.0834': how every result is written."""
+def scores_line(refusals: int, total: int, kl: float, broken: int = 0) -> str:
+    """'refusals 4/50 (8.0%), KL 0.0834' (', broken 2' after the refusals where there are any):
+    how every result is written."""
     rate = refusals / total if total else 0.0
-    return f"refusals {refusals}/{total} ({rate:.1%}), KL {kl:.4f}"
+    broken_part = f", broken {broken}" if broken else ""
+    return f"refusals {refusals}/{total} ({rate:.1%}){broken_part}, KL {kl:.4f}"
 
 
 class Scorer:
@@ -42,11 +50,18 @@ class Scorer:
     """
 
     def __init__(
-        self, harmless: PromptSet, harmful: PromptSet, detector: RefusalDetector, max_new_tokens: int, label: str
+        self,
+        harmless: PromptSet,
+        harmful: PromptSet,
+        harmful_prompts: list[str],
+        judge: MarkerJudge,
+        max_new_tokens: int,
+        label: str,
     ):
         self.harmless = harmless
         self.harmful = harmful
-        self.detector = detector
+        self.harmful_prompts = harmful_prompts  # as the user wrote them (harmful holds them chat-templated)
+        self.judge = judge
         self.max_new_tokens = max_new_tokens
         self.label = label
         self.base_logprobs: torch.Tensor | None = None
@@ -59,7 +74,8 @@ class Scorer:
         """Measure the unedited model: its distributions become the KL reference."""
         self.base_logprobs = self.harmless.first_token_logprobs(model)
         self.harmless.remember_base(logprobs=self.base_logprobs)
-        return Scores(0.0, self.count_refusals(model), self.harmful_count)
+        counts = self.count(model)
+        return Scores(0.0, counts.refusals, counts.total, counts.broken)
 
     def base_responses(self) -> list[list[int]]:
         """The token ids the base model answered the harmful prompts with (after `record_base`)."""
@@ -76,22 +92,30 @@ class Scorer:
         logprobs = self.harmless.first_token_logprobs(model, edited_layers)
         return kl_divergence(self.base_logprobs, logprobs)
 
-    def count_refusals(self, model, edited_layers: set[int] | None = None) -> int:
-        return sum(self.refusal_flags(model, edited_layers=edited_layers))
+    def count(self, model, edited_layers: set[int] | None = None) -> VerdictCounts:
+        return VerdictCounts.of(self.verdicts(model, edited_layers=edited_layers))
 
-    def refusal_flags(self, model, early_stop: bool = True, edited_layers: set[int] | None = None) -> list[bool]:
+    def verdicts(self, model, early_stop: bool = True, edited_layers: set[int] | None = None) -> list[Verdict]:
+        """The marker judge's verdict on each harmful prompt's response."""
+        responses = self.responses(model, early_stop, edited_layers)
+        return self.judge.verdicts(self.harmful_prompts, responses)
+
+    def responses(self, model, early_stop: bool = True, edited_layers: set[int] | None = None) -> list[str]:
+        """The greedy responses to the harmful prompts; with `early_stop`, each stops at its first
+        refusal marker (the marker verdict is decided there), so those are cut short."""
         with track(f"{self.label}: refusals", self.harmful_count) as advance:
-            responses = self.harmful.greedy_responses(
+            return self.harmful.greedy_responses(
                 model,
                 self.max_new_tokens,
-                stop_when=self.detector.decided if early_stop else None,
+                stop_when=self.judge.decided if early_stop else None,
                 edited_layers=edited_layers,
                 advance=advance,
             )
-        return [self.detector.is_refusal(response) for response in responses]
 
     def score(self, model) -> Scores:
-        return Scores(self.kl(model), self.count_refusals(model), self.harmful_count)
+        kl = self.kl(model)
+        counts = self.count(model)
+        return Scores(kl, counts.refusals, counts.total, counts.broken)
 
 
 def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
@@ -118,4 +142,6 @@ def build_scorer(
         reuse_responses=settings.reuse_responses,
         nearness=harmless,
     )
-    return Scorer(harmless, harmful, RefusalDetector(settings.refusal_markers), settings.max_response_tokens, subset)
+    prompts = getattr(texts.prompts.harmful, subset)
+    judge = MarkerJudge(settings.refusal_markers)
+    return Scorer(harmless, harmful, prompts, judge, settings.max_response_tokens, subset)

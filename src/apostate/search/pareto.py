@@ -1,4 +1,8 @@
-"""The Pareto front of a study: as data (pareto.json), as a table, and as a plot."""
+"""The Pareto front of a study: as data (pareto.json), as a table, and as a plot.
+
+A trial's counts are the search's (refusal markers and cheap broken checks, on responses cut
+at their first marker); where a judge re-scored the front (search/judged.py), its counts on the
+full responses stand beside them, under "judged"."""
 
 from __future__ import annotations
 
@@ -25,23 +29,37 @@ class BaseScores:
         return self.refusals / self.total
 
 
+def failures(trial: optuna.trial.FrozenTrial) -> int:
+    """Harmful prompts the trial did not answer: refusals and broken responses (the first objective)."""
+    return trial.user_attrs["refusals"] + trial.user_attrs.get("broken", 0)
+
+
 def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """Trials no other trial beats on both refusal rate and KL, fewest refusals first."""
+    """Trials no other trial beats on both failure rate and KL, fewest failures first."""
     front = [t for t in study.best_trials if t.state == optuna.trial.TrialState.COMPLETE]
-    return sorted(front, key=lambda t: (t.user_attrs["refusals"], t.user_attrs["kl"]))
+    return sorted(front, key=lambda t: (failures(t), t.user_attrs["kl"]))
 
 
-def trial_record(trial: optuna.trial.FrozenTrial) -> dict:
+def judged_counts(study: optuna.Study, number: int | str) -> dict | None:
+    """The judge's counts for a trial number (or 'base'), if the front was re-scored."""
+    return study.user_attrs.get(f"judged_{number}")
+
+
+def trial_record(trial: optuna.trial.FrozenTrial, judged: dict | None = None) -> dict:
     attrs = trial.user_attrs
-    return {
+    record = {
         "number": trial.number,
         "refusals": attrs["refusals"],
+        "broken": attrs.get("broken", 0),
         "total": attrs["total"],
         "refusal_rate": attrs["refusals"] / attrs["total"],
         "kl": attrs["kl"],
         "parameters": attrs["parameters"],
         "seconds": attrs.get("seconds"),
     }
+    if judged:
+        record["judged"] = judged
+    return record
 
 
 def write_pareto(study: optuna.Study, run_dir: Path, base: BaseScores, model_name: str) -> Path:
@@ -52,33 +70,55 @@ def write_pareto(study: optuna.Study, run_dir: Path, base: BaseScores, model_nam
         "base_total": base.total,
         "base_refusal_rate": base.refusal_rate,
         "completed_trials": len(completed(study)),
-        "pareto": [trial_record(t) for t in pareto_trials(study)],
+        "pareto": [_front_record(study, t) for t in pareto_trials(study)],
     }
+    if judged_counts(study, "base"):
+        data["base_judged"] = judged_counts(study, "base")
     scratch = path.with_suffix(".json.partial")
     scratch.write_text(json.dumps(data, indent=2))
     scratch.replace(path)
     return path
 
 
+def _front_record(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict:
+    """A Pareto trial's record, with its held-out scores (and categories) where it was evaluated."""
+    record = trial_record(trial, judged_counts(study, trial.number))
+    heldout = study.user_attrs.get(f"heldout_{trial.number}")
+    if heldout:
+        record["heldout"] = heldout
+    return record
+
+
 def print_front(study: optuna.Study, base: BaseScores) -> None:
+    """The front as a table: the search's counts, and the judge's beside them where it re-scored."""
+    front = pareto_trials(study)
+    judged = {t.number: judged_counts(study, t.number) for t in front}
+    base_judged = judged_counts(study, "base")
+    judged_note = f"; judged by {base_judged['judge']}: {count_text(base_judged)}" if base_judged else ""
     table = Table(
-        title=f"Pareto front ({len(completed(study))} trials; base model refuses {base.refusals}/{base.total})"
+        title=f"Pareto front ({len(completed(study))} trials; base model refuses {base.refusals}/{base.total}"
+        f"{judged_note})"
     )
     table.add_column("Trial", justify="right")
     table.add_column("Refusals", justify="right")
-    table.add_column("Rate", justify="right")
+    table.add_column("Broken", justify="right")
+    if any(judged.values()):
+        table.add_column("Judged", justify="right")
     table.add_column("KL divergence", justify="right")
     table.add_column("Parameters")
-    for trial in pareto_trials(study):
+    for trial in front:
         attrs = trial.user_attrs
-        table.add_row(
-            str(trial.number),
-            f"{attrs['refusals']}/{attrs['total']}",
-            f"{attrs['refusals'] / attrs['total']:.1%}",
-            f"{attrs['kl']:.4f}",
-            parameter_summary(attrs["parameters"]),
-        )
+        row = [str(trial.number), f"{attrs['refusals']}/{attrs['total']}", str(attrs.get("broken", 0))]
+        if any(judged.values()):
+            row.append(count_text(judged[trial.number]) if judged[trial.number] else "-")
+        table.add_row(*row, f"{attrs['kl']:.4f}", parameter_summary(attrs["parameters"]))
     console.print(table)
+
+
+def count_text(counts: dict) -> str:
+    """'5/50 refused, 2 broken': a judge's counts, short."""
+    broken = f", {counts['broken']} broken" if counts.get("broken") else ""
+    return f"{counts['refusals']}/{counts['total']} refused{broken}"
 
 
 def parameter_summary(parameters: dict) -> str:

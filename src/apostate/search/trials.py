@@ -24,6 +24,9 @@ from .study import FINISHED, finished
 class TrialRunner:
     """Runs one trial: reset, edit, score; records everything on the Optuna trial.
 
+    The first objective is the share of harmful prompts not answered: refusals and broken
+    responses together (breaking the model is no way to stop it refusing).
+
     A trial whose edit is broken (non-finite) or whose KL exceeds `kl_cutoff` gets a positive
     Optuna constraint and is pruned: the sampler learns the region is infeasible, the Pareto
     front never shows it, and no made-up objective value is reported. Its refusals are not
@@ -57,15 +60,15 @@ class TrialRunner:
             self._infeasible(trial, timings, start, f"KL {kl:.4g} above the cutoff {self.kl_cutoff}", kl)
         trial.set_constraint("kl_cutoff", kl - self.kl_cutoff)
         mark = time.perf_counter()
-        refusals = self.scorer.count_refusals(self.model, edited)
+        counts = self.scorer.count(self.model, edited)
         timings["refusals"] = time.perf_counter() - mark
         trim_free_memory()
         timings["total"] = time.perf_counter() - start
-        total = self.scorer.harmful_count
-        trial.set_user_attr("refusals", refusals)
-        trial.set_user_attr("total", total)
+        trial.set_user_attr("refusals", counts.refusals)
+        trial.set_user_attr("broken", counts.broken)
+        trial.set_user_attr("total", counts.total)
         trial.set_user_attr("seconds", timings)
-        return refusals / total, kl
+        return counts.failures / counts.total, kl
 
     @staticmethod
     def _infeasible(trial: optuna.Trial, timings: dict, start: float, reason: str, excess: float) -> None:
@@ -115,5 +118,5 @@ def _print_trial(trial: optuna.trial.FrozenTrial) -> None:
     if trial.state == TrialState.PRUNED:
         console.print(f"  Trial {trial.number:>3}: [yellow]infeasible[/] ({attrs.get('infeasible')})")
         return
-    line = scores_line(attrs["refusals"], attrs["total"], attrs["kl"])
+    line = scores_line(attrs["refusals"], attrs["total"], attrs["kl"], attrs.get("broken", 0))
     console.print(f"  Trial {trial.number:>3}: {line}  [dim]{attrs['seconds']['total']:.1f} s[/]")

@@ -1,0 +1,49 @@
+"""The front re-scored by the judge: the search counts with refusal markers on responses cut at
+their first marker (fast); once it is over, the base model and every Pareto trial answer the
+evaluation prompts again in full, and the configured judge (scoring/judges) labels each answer.
+
+Its counts are kept in the study as `judged_<trial number>` and `judged_base` user attributes
+(finished trials cannot take new attributes), with the judge's name: a front already judged by
+the same judge is not judged again, and its verdicts come from the run's cache anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import optuna
+
+from ..progress import console
+from ..scoring.verdicts import VerdictCounts
+from .pareto import judged_counts, pareto_trials
+
+
+def judge_front(session, judge, extra: Iterable[optuna.trial.FrozenTrial] = ()) -> None:
+    """Judge the base model, the Pareto trials and `extra` trials (the chosen one), where not done yet."""
+    study = session.study
+    wanted = {t.number: t for t in [*pareto_trials(study), *extra]}
+    todo = [t for number, t in sorted(wanted.items()) if not _done(study, number, judge.name)]
+    if not todo and _done(study, "base", judge.name):
+        return
+    console.print(
+        f"Judging the responses of the base model and {len(todo)} Pareto trials with [bold]{judge.name}[/]..."
+    )
+    if not _done(study, "base", judge.name):
+        session.method.reset()
+        study.set_user_attr("judged_base", _judged(session, judge, None))
+    for trial in todo:
+        session.restore(trial)
+        study.set_user_attr(f"judged_{trial.number}", _judged(session, judge, session.method.edited_layers()))
+    session.method.reset()
+
+
+def _judged(session, judge, edited_layers: set[int] | None) -> dict:
+    scorer = session.scorer
+    responses = scorer.responses(session.model, early_stop=False, edited_layers=edited_layers)
+    counts = VerdictCounts.of(judge.verdicts(scorer.harmful_prompts, responses))
+    return {**counts.as_dict(), "judge": judge.name}
+
+
+def _done(study: optuna.Study, number: int | str, judge_name: str) -> bool:
+    counts = judged_counts(study, number)
+    return bool(counts) and counts.get("judge") == judge_name
