@@ -78,7 +78,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def split_prompt_files(args: argparse.Namespace, out: Path) -> dict[str, Path]:
     """Split each side exactly as apostate will and write the subsets for Heretic."""
-    from apostate.prompts import load_prompts, split_prompts
+    from apostate.prompts import load_prompt_rows, split_prompts
     from apostate.settings import PromptSetSpec
 
     files = {}
@@ -90,7 +90,9 @@ def split_prompt_files(args: argparse.Namespace, out: Path) -> dict[str, Path]:
             heldout_count=0,
             shuffle_seed=args.shuffle_seed,
         )
-        split = split_prompts(load_prompts(spec), spec)
+        rows = load_prompt_rows(spec)
+        categories = {prompt: category for prompt, category in rows if category}  # dealt as apostate deals them
+        split = split_prompts([prompt for prompt, _ in rows], spec, side, categories)
         for role in ("direction", "evaluation"):
             prompts = getattr(split, role)
             if any("\n" in p for p in prompts):

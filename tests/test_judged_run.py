@@ -17,7 +17,16 @@ JUDGED_COLUMN = re.compile(r"┃\s*Judged\s*┃")  # the front table's column of
 
 def endpoint_flags(server):
     # scope 'all': the tiny model's random text seldom holds a refusal marker for the judge to check
-    return ["--judge.kind", "endpoint", "--judge.url", server.url, "--judge.model", "stub-judge", "--judge.scope", "all"]
+    return [
+        "--judge.kind",
+        "endpoint",
+        "--judge.url",
+        server.url,
+        "--judge.model",
+        "stub-judge",
+        "--judge.scope",
+        "all",
+    ]
 
 
 def every_file_text(folder):
@@ -29,7 +38,7 @@ def test_an_endpoint_judge_rescores_the_front_and_its_counts_are_shown_and_expor
 ):
     monkeypatch.setenv("APOSTATE_JUDGE__API_KEY", KEY)
     run_dir, output = tmp_path / "run", tmp_path / "exported"
-    actions = ["--headless", "--actions", "evaluate", "--actions", "save", "--output-dir", str(output)]
+    actions = ["--headless", "--actions", "save", "--actions", "evaluate", "--output-dir", str(output)]
     with StubServer() as server:
         assert run(model_dir, run_dir, "--n-trials", "3", *endpoint_flags(server), *actions) == 0
         first_requests = len(server.requests)
@@ -47,6 +56,8 @@ def test_an_endpoint_judge_rescores_the_front_and_its_counts_are_shown_and_expor
         assert record["scores"]["held-out"]["judged"]["judge"] == judge_name
         card = (output / "README.md").read_text()
         assert "Judged" in card and "markers" in card
+        for label in ("evaluation", "held-out"):  # the trial's row and the base model's, both counts
+            assert f"| {label} |" in card and f"| {label}, base model |" in card
         assert (run_dir / "verdicts.sqlite").is_file()
         assert first_requests > 0, "the judge was asked"
 

@@ -246,3 +246,30 @@ def test_bundled_sets_are_large_distinct_and_split_cleanly():
     defaults = Settings(model="demo")
     split_prompts(harmless, defaults.harmless)
     split_prompts(harmful, defaults.harmful)
+
+
+def test_bundled_harmful_prompts_are_tagged_and_every_split_covers_the_categories_evenly():
+    from collections import Counter
+
+    from apostate.prompts import load_prompt_rows
+
+    rows = load_prompt_rows(PromptSetSpec(source="bundled:harmful"))
+    assert all(category for _, category in rows)
+    per_category = Counter(category for _, category in rows)
+    assert len(per_category) == 12 and set(per_category.values()) == {48}
+    splits = load_prompt_splits(Settings(model="demo", config=None))
+    for subset in ("direction", "evaluation", "heldout"):
+        counts = Counter(splits.categories[prompt] for prompt in getattr(splits.harmful, subset))
+        assert len(counts) == 12 and max(counts.values()) - min(counts.values()) <= 1, (subset, counts)
+    assert not any(prompt in splits.categories for prompt in splits.harmless.evaluation)  # untagged
+
+
+def test_a_category_column_tags_local_prompts_and_untagged_sets_split_as_before(tmp_path):
+    from apostate.prompts import load_prompt_rows
+
+    tagged = tmp_path / "p.csv"
+    tagged.write_text("prompt,category\na,x\nb,y\nc,\n")
+    assert load_prompt_rows(PromptSetSpec(source=str(tagged), column="prompt")) == [("a", "x"), ("b", "y"), ("c", None)]
+    prompts = [f"p{i}" for i in range(30)]
+    spec = PromptSetSpec(source="x", direction_count=10, evaluation_count=10, heldout_count=10)
+    assert split_prompts(prompts, spec) == split_prompts(prompts, spec, categories={})

@@ -54,7 +54,8 @@ def act(session) -> None:
             judge_front(session, session.judge, extra=[trial])
         _announce(session.study, trial)
         session.restore(trial)
-        for action in session.settings.actions:
+        # An evaluation goes first, so that a saved model's card carries its held-out scores.
+        for action in sorted(session.settings.actions, key=lambda action: action != "evaluate"):
             perform(session, trial, action)
         return
     _interactive(session)
@@ -132,8 +133,10 @@ def perform(session, trial, action: str) -> None:
 def _summary(session, trial) -> TrialSummary:
     record = trial_record(trial, judged_counts(session.study, trial.number))
     evaluation = {key: record[key] for key in ("refusals", "broken", "total", "kl")}
+    evaluation["base_refusals"] = session.startup.base_refusals
     if "judged" in record:
         evaluation["judged"] = record["judged"]
+        evaluation["base_judged"] = judged_counts(session.study, "base")
     scores = {"evaluation": evaluation}
     heldout = trial.user_attrs.get("heldout") or session.study.user_attrs.get(f"heldout_{trial.number}")
     if heldout:

@@ -279,6 +279,12 @@ def _score_rows(scores: dict) -> str:
             f"| {label} | {s['refusals']}/{s['total']} | {s.get('broken', 0)} |{judged_cell if judges else ''} "
             f"{s['kl']:.4f} |"
         )
+        if "base_refusals" in s:  # the unedited model on the same prompts
+            base = s.get("base_judged")
+            base_cell = f" {base['refusals']}/{base['total']} refused, {base['broken']} broken |" if base else " - |"
+            lines.append(
+                f"| {label}, base model | {s['base_refusals']}/{s['total']} | - |{base_cell if judges else ''} 0 |"
+            )
     for label, s in scores.items():
         if s.get("categories"):
             lines += ["", f"Refusals on the {label} prompts by category ({s['categories_judge']}):", ""]

@@ -136,7 +136,8 @@ def parameter_summary(parameters: dict) -> str:
 
 
 def plot_front(study: optuna.Study, base: BaseScores, path: Path) -> Path:
-    """All trials as points (KL on a log axis), the Pareto front as a line, the base model's rate dashed."""
+    """All trials as points (KL on a log axis), the Pareto front as a line (and as crosses where a
+    judge re-scored it), the base model's rate dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -160,10 +161,21 @@ def plot_front(study: optuna.Study, base: BaseScores, path: Path) -> Path:
         color="crimson",
         label="Pareto front",
     )
+    judged = [(t, judged_counts(study, t.number)) for t in ordered]
+    judged = [(t, counts) for t, counts in judged if counts]
+    if judged:  # the judge's counts beside the markers': how much of the front's refusing is real
+        axes.scatter(
+            [max(t.user_attrs["kl"], 1e-6) for t, _ in judged],
+            [(counts["refusals"] + counts["broken"]) / counts["total"] for _, counts in judged],
+            marker="x",
+            s=40,
+            color="black",
+            label="Pareto front, judged",
+        )
     axes.axhline(base.refusal_rate, linestyle="--", color="gray", label="base model")
     axes.set_xscale("log")
     axes.set_xlabel("KL divergence from the base model (harmless prompts)")
-    axes.set_ylabel("refusal rate (harmful prompts)")
+    axes.set_ylabel("refused or broken (share of harmful prompts)")
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
