@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
     print(f"{len(trials)} trials; batch size {harmful.batch_size}; {len(harmful)} harmful prompts")
     session.method.reset()
     scorer.kl(model)
-    scorer.refusal_flags(model)  # the base model's responses seed the pool, as in a run
+    scorer.verdicts(model)  # the base model's responses seed the pool, as in a run
     rows = []
     for number, params in enumerate(trials):
         session.method.reset()
@@ -71,11 +71,11 @@ def main(argv: list[str]) -> None:
         row["kl diff"] = abs(fast_kl - kl_divergence(scorer.base_logprobs, plain_logprobs))
         start = time.perf_counter()
         plain = generate_plain(model, harmful.tokenizer, harmful.texts, scorer.max_new_tokens, harmful.batch_size,
-                               harmful.device, scorer.detector.decided, None)  # fmt: skip
+                               harmful.device, scorer.judge.decided, None)  # fmt: skip
         row["gen plain"] = time.perf_counter() - start
         start = time.perf_counter()
         before = dataclasses.replace(harmful.pool.stats)
-        fast_flags = scorer.refusal_flags(model, edited_layers=edited)
+        fast_flags = scorer.verdicts(model, edited_layers=edited)
         row["gen fast"] = time.perf_counter() - start
         after = harmful.pool.stats
         row["passes"] = after.passes - before.passes
@@ -83,13 +83,13 @@ def main(argv: list[str]) -> None:
         row["tokens/pass"] = (after.generated - before.generated) / max(row["passes"], 1)
         a, b = harmful.pool.cost.coefficients()
         row["pass cost"] = f"{a:.3f}+{b * 1000:.2f}ms/token"
-        plain_flags = [scorer.detector.is_refusal(r) for r in plain]
+        plain_flags = scorer.judge.verdicts(scorer.harmful_prompts, plain)
         row["same (early stop)"] = plain_flags == fast_flags
         if full:
             texts = generate_plain(model, harmful.tokenizer, harmful.texts, scorer.max_new_tokens,
                                    harmful.batch_size, harmful.device, None, None)  # fmt: skip
-            row["same (full)"] = [scorer.detector.is_refusal(r) for r in texts] == fast_flags
-        row["refusals"] = sum(fast_flags)
+            row["same (full)"] = scorer.judge.verdicts(scorer.harmful_prompts, texts) == fast_flags
+        row["refusals"] = sum(verdict == "refusal" for verdict in fast_flags)
         rows.append(row)
         print("  ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
     print("\nmedians:")

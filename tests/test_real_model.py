@@ -75,7 +75,7 @@ def test_fast_scoring_gives_the_verdicts_of_full_generation(tmp_path):
     harmless, harmful = scorer.harmless, scorer.harmful
     sampler = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
     session.method.reset()
-    scorer.refusal_flags(session.model)  # the base's responses seed the drafts, as in a run
+    scorer.verdicts(session.model)  # the base's responses seed the drafts, as in a run
     for _ in range(4):
         session.method.reset()
         session.method.apply(session.method.suggest(sampler.ask()))
@@ -84,8 +84,8 @@ def test_fast_scoring_gives_the_verdicts_of_full_generation(tmp_path):
         plain_logprobs = last_position_logprobs(session.model, harmless.tokenizer, harmless.texts,
                                                 harmless.batch_size, harmless.device)  # fmt: skip
         assert fast_kl == pytest.approx(kl_divergence(scorer.base_logprobs, plain_logprobs), rel=1e-3, abs=1e-6)
-        fast = scorer.refusal_flags(session.model, edited_layers=edited)
+        fast = scorer.verdicts(session.model, edited_layers=edited)
         full = generate_plain(session.model, harmful.tokenizer, harmful.texts, scorer.max_new_tokens,
                               harmful.batch_size, harmful.device, None, None)  # fmt: skip
-        assert fast == [scorer.detector.is_refusal(response) for response in full]
+        assert fast == scorer.judge.verdicts(scorer.harmful_prompts, full)
     assert harmful.replays[True].records  # the later trials replayed what the first ones recorded
