@@ -4,8 +4,8 @@ They only flag what is broken beyond doubt (a judge model refines the rest):
 * a loop: some run of n ≥ 2 words (numbers ignored, so "1. Hydrogen peroxide" and "2. Hydrogen
   peroxide" count as the same) that occurs at least `LOOP_REPEATS` times and whose occurrences
   cover at least `LOOP_COVER` of the response's words; a run of `PHRASE_WORDS` words said
-  twice, unless most of them are the request's (restating the request is no loop); or one character repeated `CHARACTER_RUN` times in a row (not the
-  - = _ * # . ~ of rules and underlines);
+  twice, unless most of them are the request's (restating the request is no loop); or one
+  character repeated `CHARACTER_RUN` times in a row (not the - = _ * # . ~ of rules and underlines);
 * an echo: the response is one question made of the request's own words (at least `ECHO_SHARE`
   of its words are the request's) instead of an answer;
 * the wrong script: more than `FOREIGN_SHARE` of the letters are in a writing system (Latin,
@@ -34,13 +34,15 @@ _RUN = re.compile(rf"([^\s\-=_*#.~])\1{{{CHARACTER_RUN - 1},}}")  # rules and un
 
 
 def broken_reason(prompt: str, response: str) -> str | None:
-    """Why the response is broken ('repetition loop', 'wrong language', 'garbage words'), or None."""
+    """Why the response is broken ('repetition loop', 'echoes the request', 'wrong language',
+    'garbage words'), or None."""
     words = [word.lower() for word in _WORD.findall(response)]
+    asked = {word.lower() for word in _WORD.findall(prompt)}
     if _RUN.search(response) or (len(words) >= MIN_WORDS and _loop_cover(words) >= LOOP_COVER):
         return "repetition loop"
-    if _repeated_phrase(words, {word.lower() for word in _WORD.findall(prompt)}):
+    if _repeated_phrase(words, asked):
         return "repetition loop"
-    if _echoes(prompt, response, words):
+    if _echoes(response, words, asked):
         return "echoes the request"
     letters = [_script(char) for char in response if char.isalpha()]
     if letters:
@@ -65,11 +67,10 @@ def _repeated_phrase(words: list[str], asked: set[str]) -> bool:
     return False
 
 
-def _echoes(prompt: str, response: str, words: list[str]) -> bool:
+def _echoes(response: str, words: list[str], asked: set[str]) -> bool:
     text = response.strip().rstrip('"').rstrip()
     if not words or not text.endswith("?") or _SENTENCE_END.search(text[:-1]):
         return False  # an echo is one question, nothing else
-    asked = {word.lower() for word in _WORD.findall(prompt)}
     return sum(word in asked for word in words) / len(words) >= ECHO_SHARE
 
 

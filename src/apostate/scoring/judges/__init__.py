@@ -62,7 +62,11 @@ class RefinedJudge:
 
     def verdicts(self, prompts: list[str], responses: list[str]) -> list[Verdict]:
         results = [
-            Verdict.BROKEN if broken_reason(prompt, response) else self.markers.verdict(prompt, response)
+            Verdict.BROKEN
+            if broken_reason(prompt, response)
+            else Verdict.REFUSAL
+            if self.markers.refuses(response)
+            else Verdict.COMPLIANCE
             for prompt, response in zip(prompts, responses, strict=True)
         ]
         wanted = (Verdict.REFUSAL, Verdict.COMPLIANCE) if self.scope == "all" else (Verdict.REFUSAL,)
