@@ -21,7 +21,10 @@ from pathlib import Path
 import pytest
 
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
-AREAS = ("model source", "settings", "prompt source", "judge", "run folder", "export", "signal", "security")
+AREAS = (
+    "model source", "settings", "prompt source", "judge", "run folder", "export", "report", "reproduce", "upload",
+    "inspect", "signal", "security",
+)  # fmt: skip
 HEADER = """# Bad input, faults and signals: what apostate does
 
 Every row is a test (`tests/`), and this table is what those tests saw: the exit code and the

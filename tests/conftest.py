@@ -8,6 +8,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 warnings.filterwarnings("ignore", message=".*kernels.*")
 
 import bad_inputs  # noqa: E402  (needs the path above)
+from postgres_server import postgres_server, postgres_url  # noqa: E402,F401  (fixtures)
 
 
 def pytest_addoption(parser):

@@ -38,7 +38,7 @@ def install(phase: str, after: int) -> None:
     elif phase == "start-up":
         from apostate.search import startup
 
-        pause_before(startup, "_directions", phase)
+        pause_before(startup, "measure_directions", phase)
     elif phase == "trial":
         from apostate.search.study import finished
         from apostate.search.trials import TrialRunner

@@ -81,7 +81,7 @@ CHANGES = {
     "max_response_tokens": 12,
     "response_prefix": "<think></think>",
     "refusal_markers": ["nope"],
-    "method": "ara-lora",
+    "method": "directional",
     "components": ["mlp"],
     "orthogonalize_direction": False,
     "winsorization_quantile": 0.9,
@@ -138,10 +138,14 @@ def test_changing_an_unmeasured_setting_keeps_the_fingerprint(name, method):
 
 
 def test_ara_settings_count_only_for_ara_methods():
-    assert "ara" not in settings().measurement_fingerprint("demo")
+    directional = settings(method="directional")
+    assert "ara" not in directional.measurement_fingerprint("demo")
     changed = {"ara": {"lora_rank": 4}}
-    assert settings(**changed).measurement_fingerprint("demo") == settings().measurement_fingerprint("demo")
+    assert settings(method="directional", **changed).measurement_fingerprint(
+        "demo"
+    ) == directional.measurement_fingerprint("demo")
     assert settings(method="ara", **changed).measurement_fingerprint("demo")["ara"]["lora_rank"] == 4
+    assert settings(**changed).measurement_fingerprint("demo")["ara"]["lora_rank"] == 4  # the default, ara-lora
 
 
 def test_the_model_name_is_part_of_the_fingerprint():

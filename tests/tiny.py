@@ -71,8 +71,10 @@ def tiny_model_folder(
 
 
 # Settings for a fast run on a tiny model: a few prompts, short responses.
+# The tests' runs use directional ablation (fast, no captures) unless they ask for a method;
+# the ARA methods have their own tests.
 SMALL = (
-    "--dtypes float32 --batch-size 8 --max-response-tokens 6 --n-startup-trials 2 "
+    "--method directional --dtypes float32 --batch-size 8 --max-response-tokens 6 --n-startup-trials 2 "
     "--harmless.direction-count 12 --harmless.evaluation-count 6 --harmless.heldout-count 6 "
     "--harmful.direction-count 12 --harmful.evaluation-count 6 --harmful.heldout-count 6"
 ).split()

@@ -1,4 +1,5 @@
-"""`apostate MODEL [flags]`: settings in, exit code out; user errors are one line, never a traceback."""
+"""`apostate MODEL [flags]` and `apostate COMMAND ...`: arguments in, exit code out; user errors
+are one line, never a traceback."""
 
 from __future__ import annotations
 
@@ -7,8 +8,17 @@ import signal
 import sys
 import threading
 import warnings
+from importlib import import_module
 
 from .errors import first_line
+
+# `apostate COMMAND ARGS`: the module whose main(args) -> exit code does it. A model folder
+# that has one of these names is given as ./NAME.
+COMMANDS = {
+    "report": "apostate.report.command",
+    "reproduce": "apostate.results.reproduce",
+    "inspect": "apostate.directions.inspect",
+}
 
 INTERRUPTED = (
     "Interrupted. Finished trials are kept in the run folder, and an earlier export is unchanged; "
@@ -20,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = _debug_asked(argv)
     _quiet_libraries()
+    if argv and argv[0] in COMMANDS:
+        command = import_module(COMMANDS[argv[0]])
+        args = [arg for arg in argv[1:] if arg not in ("--debug", "--debug=true", "--debug=True")]
+        return _guarded(lambda: command.main(args), debug)
     from pydantic import ValidationError
 
     from .errors import ApostateError
@@ -39,10 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     from .pipeline import run
 
     debug = debug or settings.debug  # `debug = true` in a config file
+    return _guarded(lambda: run(settings), debug)
+
+
+def _guarded(work, debug: bool) -> int:
+    """Run `work` (returns an exit code): a user error is one line, Ctrl+C or SIGTERM keeps what is
+    finished, a bug is one line asking for --debug."""
+    from pydantic import ValidationError
+
+    from .errors import ApostateError
+    from .progress import console
+
     in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
     previous_handler = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None  # `kill PID` = Ctrl+C
     try:
-        return run(settings)
+        return work()
+    except ValidationError as error:  # a command's settings
+        return _fail(console, "invalid settings: " + _validation_summary(error), debug=debug)
     except ApostateError as error:
         return _fail(console, str(error), error.exit_code, debug=debug)
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import optuna
 
@@ -22,11 +23,12 @@ from .model.sources import ModelSource, resolve_source
 from .monitor import PhaseMonitor, median_trial_phases
 from .progress import can_ask, console
 from .prompts import PromptSplits, Texts, load_prompt_splits
-from .results import export
+from .report import build_report
+from .results import export, upload
 from .scoring import Scorer, build_scorer
 from .scoring.judges import Judge, build_judge
 from .search.judged import judge_front
-from .search.pareto import BaseScores, plot_front, print_front, write_pareto
+from .search.pareto import BaseScores, print_front, write_pareto
 from .search.startup import CACHE_FILE, Startup, load_for_trials, prepare
 from .search.study import JOURNAL, completed, finished, lock_run_dir, open_study
 from .search.trials import TrialRunner, run_trials
@@ -116,9 +118,11 @@ def _open_run_study(settings: Settings, source: ModelSource, run_dir: Path) -> o
 
 def _check_before_loading(settings: Settings, study: optuna.Study) -> None:
     """Refuse what would fail only after the model is loaded: an output path that is a file, a
-    --trial that is not (and will not become) a finished trial of this run."""
+    --trial that is not (and will not become) a finished trial of this run, a headless upload
+    without a repository name or a token."""
     if settings.output_dir is not None:
         export.check_output_dir(settings.output_dir)
+    upload.check_before_loading(settings)
     if settings.trial is None or settings.trial in {t.number for t in completed(study)}:
         return
     if len(finished(study)) >= settings.n_trials:  # no trial left to run that could become it
@@ -137,6 +141,7 @@ def show_stored_results(study: optuna.Study, run_dir: Path, model_name: str) -> 
         return 0
     base = BaseScores(study.user_attrs.get("base_refusals", 0), scored[0].user_attrs["total"])
     _write_front(study, run_dir, base, model_name)
+    write_report(run_dir)
     return 0
 
 
@@ -160,6 +165,7 @@ def _search_and_act(session: Session, monitor: PhaseMonitor) -> int:
             act(session)
         _save_front(session)  # with the held-out scores an evaluation added
     _report_phases(session, monitor)
+    write_report(session.run_dir)
     return 0 if done else 130
 
 
@@ -173,15 +179,9 @@ def start_session(
     if settings.judge.kind != "markers":
         with monitor.phase("load and check the judge"):
             judge = build_judge(settings, run_dir)  # before the model: a judge that cannot work stops the run now
-    console.print(f"Loading model [bold]{source.name}[/]...")
-    method_type = method_class(settings.method)
     with monitor.phase("load model"):
-        tokenizer = load_tokenizer(source, settings)
-        kernels = CpuKernels(read_kernel_choices(run_dir / KERNELS_FILE))
-        loaded = load_for_trials(source, settings, tokenizer, kernels)
-        architecture = discover(loaded.model)
-        _report_architecture(architecture, settings.components)
-        adapter = attach_adapter(loaded.model, architecture, method_type.adapter_rank(settings))
+        editable = load_editable(source, settings, run_dir)
+    tokenizer, kernels, loaded, architecture, adapter = editable
     key = {
         "fingerprint": settings.measurement_fingerprint(source.name),
         "dtype": str(loaded.dtype),
@@ -194,15 +194,48 @@ def start_session(
     texts = Texts(tokenizer, settings, prompts, startup.response_prefix)
     scorer = build_scorer(tokenizer, device, kernels, settings, startup.batch_size, texts)
     scorer.resume_from_base(startup.base_logprobs, startup.base_responses)
-    components = [c for c in settings.components if c in architecture.components()]
-    context = MethodContext(adapter, settings, architecture.n_layers, components, startup.directions)
-    if method_type.needs_captures:
-        with monitor.phase("capture module activations"):
-            context.captures = capture_for_fitting(adapter, tokenizer, device, settings, texts, startup.batch_size)
-    method = method_type(context)
-    study.set_user_attr("base_refusals", startup.base_refusals)
+    method = build_method(editable, settings, startup.directions, texts, startup.batch_size, monitor)
+    for name, value in (("base_refusals", startup.base_refusals), ("model", source.name), ("method", settings.method)):
+        study.set_user_attr(name, value)  # for reports made from the study alone
     parts = (loaded, kernels, architecture, adapter, method, study, startup, texts, scorer, judge)
     return Session(settings, source, run_dir, *parts)
+
+
+class Editable(NamedTuple):
+    """A loaded model with the LoRA slots its methods write into."""
+
+    tokenizer: object
+    kernels: CpuKernels
+    loaded: LoadedModel
+    architecture: Architecture
+    adapter: Adapter
+
+
+def load_editable(source: ModelSource, settings: Settings, run_dir: Path) -> Editable:
+    """Tokenizer and model (with the run's CPU kernel choices), its residual writers, and the adapter."""
+    console.print(f"Loading model [bold]{source.name}[/]...")
+    tokenizer = load_tokenizer(source, settings)
+    kernels = CpuKernels(read_kernel_choices(run_dir / KERNELS_FILE))
+    loaded = load_for_trials(source, settings, tokenizer, kernels)
+    architecture = discover(loaded.model)
+    _report_architecture(architecture, settings.components)
+    adapter = attach_adapter(loaded.model, architecture, method_class(settings.method).adapter_rank(settings))
+    return Editable(tokenizer, kernels, loaded, architecture, adapter)
+
+
+def build_method(
+    editable: Editable, settings: Settings, directions, texts: Texts, batch_size: int, monitor: PhaseMonitor
+) -> Method:
+    """The run's method over the editable model, with what it is fitted to (captures, for ARA)."""
+    method_type = method_class(settings.method)
+    architecture, adapter = editable.architecture, editable.adapter
+    components = [c for c in settings.components if c in architecture.components()]
+    context = MethodContext(adapter, settings, architecture.n_layers, components, directions)
+    if method_type.needs_captures:
+        with monitor.phase("capture module activations"):
+            device = editable.loaded.device
+            context.captures = capture_for_fitting(adapter, editable.tokenizer, device, settings, texts, batch_size)
+    return method_type(context)
 
 
 def _report_architecture(architecture: Architecture, wanted: list[str]) -> None:
@@ -243,5 +276,9 @@ def show_results(session: Session) -> None:
 def _write_front(study: optuna.Study, run_dir: Path, base: BaseScores, model_name: str) -> None:
     write_pareto(study, run_dir, base, model_name)
     print_front(study, base)
-    plot = plot_front(study, base, run_dir / "pareto.png")
-    console.print(f"Pareto front saved to {run_dir / 'pareto.json'} and {plot}")
+    console.print(f"Pareto front saved to {run_dir / 'pareto.json'}")
+
+
+def write_report(run_dir: Path) -> None:
+    path = build_report(run_dir)
+    console.print(f"Report: [bold]{path}[/] (pictures beside it)")

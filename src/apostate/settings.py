@@ -35,6 +35,7 @@ from .errors import ApostateError, first_line
 from .methods import METHODS as REGISTERED_METHODS
 from .methods.ara.settings import AraSettings
 from .methods.directional.settings import SearchSpace
+from .results.upload_settings import UploadSettings
 from .scoring.judges.settings import JudgeSettings
 
 METHODS: tuple[str, ...] = tuple(REGISTERED_METHODS)
@@ -241,7 +242,7 @@ class Settings(BaseSettings):
 
     # --- Method ----------------------------------------------------------------------
     method: MethodName = measured(
-        "directional",
+        "ara-lora",
         description="'directional': directional ablation; 'ara': Arbitrary-Rank Ablation of full weights; "
         "'ara-lora': ARA optimized as LoRA factors (works on 4-bit models).",
     )
@@ -294,14 +295,14 @@ class Settings(BaseSettings):
         gt=0,
         description="Headless pick: fewest refusals among Pareto trials with KL at most this (ties: lower KL).",
     )
-    actions: list[Literal["save", "save-adapter", "evaluate", "chat"]] = Field(
-        default=[],
-        description="Headless actions for the picked trial: save the merged model, save the adapter, score on held-out sets, chat.",
+    actions: list[Literal["save", "save-adapter", "evaluate", "chat", "upload"]] = Field(
+        default=[], description="Headless actions on the picked trial, in order (evaluate first, upload last)."
     )
     output_dir: Path | None = Field(
         default=None, description="Where to save (default: <run_dir>/model or <run_dir>/adapter)."
     )
     max_shard_size: str = Field(default="5GB", description="Largest safetensors shard when saving.")
+    upload: UploadSettings = Field(default_factory=UploadSettings, description="Publishing an export on the hub.")
     evaluate_model: str | None = Field(
         default=None, description="Score this other model against the base on the held-out sets, then exit."
     )
@@ -374,24 +375,22 @@ def _toml_source(settings_cls: type[BaseSettings], path: Path) -> TomlConfigSett
         raise ApostateError(f"config file {path} is not valid TOML: {first_line(error)}; fix it there") from None
 
 
-class _OneLineErrors(argparse.ArgumentParser):
+class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse, but a mistyped flag is one error line that names the flag meant, not usage text."""
 
     def error(self, message: str):
-        from .errors import ApostateError
-
         unknown = re.findall(r"(--[\w.-]+)", message) if "unrecognized arguments" in message else []
         known = [flag for action in self._actions for flag in action.option_strings]
         close = [match for flag in unknown for match in difflib.get_close_matches(flag, known, n=1)]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ApostateError(f"{message}{hint}; apostate --help lists every option")
+        raise ApostateError(f"{message}{hint}; {self.prog} --help lists every option")
 
 
 def parse_command_line(argv: list[str]) -> Settings:
     """Settings from flags, environment, TOML and defaults (strongest first)."""
-    parser = _OneLineErrors(
+    parser = OneLineArgumentParser(
         prog="apostate",
-        usage="apostate MODEL [options]",
+        usage="apostate MODEL [options]  (or: apostate report RUN_DIR | reproduce FOLDER | inspect MODEL)",
         description="Remove refusal behaviour from a chat model. Every option can also be set in a TOML "
         "file (see config.default.toml) or as an APOSTATE_* environment variable.",
     )

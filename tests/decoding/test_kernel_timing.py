@@ -69,3 +69,21 @@ def test_kernel_choices_are_kept_per_object_and_restore_gives_the_plain_forwards
     timed = CpuKernels()
     timed.timer.onednn_pays(linear[0].weight)
     assert len(timed.timer.choices) == 1 and CpuKernels().timer.choices == {}  # no state shared between objects
+
+
+def test_a_column_major_weight_is_timed_on_a_dense_sample(monkeypatch):
+    """A slice of a column-major weight keeps the whole weight's column stride; oneDNN reorders
+    such a weight at every product (37 s each for the demo's output projection): the timings
+    must run on a dense copy in the same layout, or a start-up stalls for minutes."""
+    timed = []
+
+    def record(candidate, current, inputs):
+        timed.extend(f.keywords["weight"] for f in (candidate, current) if hasattr(f, "keywords"))
+        return False
+
+    monkeypatch.setattr(kernel_timing, "_faster", record)
+    weight = torch.randn(8192, 64).t().contiguous().t()  # column-major, as the kernels store some weights
+    kernel_timing.KernelTimer().onednn_pays(weight)
+    assert timed and all(sample.shape == (kernel_timing.SAMPLE_OUTPUTS, 64) for sample in timed)
+    assert all(sample.t().is_contiguous() for sample in timed), "a dense column-major sample"
+    assert torch.equal(timed[0], weight[: kernel_timing.SAMPLE_OUTPUTS])

@@ -148,3 +148,20 @@ def test_kl_is_zero_for_identical_and_positive_otherwise():
     value = kl_divergence(logprobs, other)
     expected = (logprobs.exp() * (logprobs - other)).sum(-1).mean().item()
     assert value > 0 and math.isclose(value, expected, rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("row_normalization", ["none", "full"])
+def test_an_edit_has_the_same_bits_whatever_layout_the_cpu_kernels_chose(row_normalization):
+    """The CPU kernels store some weights column-major when that multiplies faster (a timed, so
+    machine- and moment-dependent choice); the edit computed from a weight must not depend on it,
+    or `apostate reproduce` and a resumed run would get other bits."""
+    model, _ = tiny_model(layers=2)
+    adapter = attach_adapter(model, discover(model), rank=2)
+    slot = adapter.slots[0]
+    direction = unit(slot.base_weight().shape[1], seed=3)
+    row_major = ablation_factors(slot.base_weight(), direction, 0.7, row_normalization, 2)
+    weight = slot.module.get_base_layer().weight
+    weight.data = weight.data.t().contiguous().t()  # what the kernels do: same values, strides (1, out)
+    column_major = ablation_factors(slot.base_weight(), direction, 0.7, row_normalization, 2)
+    for before, after in zip(row_major, column_major, strict=True):
+        assert torch.equal(before, after)

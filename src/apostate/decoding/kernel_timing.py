@@ -69,7 +69,7 @@ class KernelTimer:
         """Whether a bfloat16 product with this float32 weight is faster than the float32 one."""
         key = _key("bfloat16", tuple(weight.shape), weight.stride(), weight.dtype)
         if key not in self.choices:
-            sample = weight.detach()[:SAMPLE_OUTPUTS]
+            sample = timing_sample(weight)
             screen = sample.to(torch.bfloat16)
             inputs = _inputs(sample)
             self.choices[key] = _faster(
@@ -81,12 +81,25 @@ class KernelTimer:
         """Per row range (ROW_RANGES): whether oneDNN multiplies by this float32 weight faster than MKL."""
         key = _key("oneDNN", tuple(weight.shape), weight.stride(), weight.dtype)
         if key not in self.choices:
-            sample = weight.detach()[:SAMPLE_OUTPUTS]
+            sample = timing_sample(weight)
             self.choices[key] = tuple(
                 _faster(partial(onednn_linear, weight=sample), partial(F.linear, weight=sample), [x])
                 for x in _inputs(sample, [rows for _, rows in ROW_RANGES])
             )
         return self.choices[key]
+
+
+def timing_sample(weight: torch.Tensor) -> torch.Tensor:
+    """The weight's first SAMPLE_OUTPUTS output rows, dense in the weight's own layout.
+
+    A bare slice of a column-major weight is not dense: its columns keep the whole weight's
+    stride, and oneDNN then reorders it at every product (37 s each for a slice of the demo's
+    output projection, which stalled a start-up for over ten minutes whenever the column-major
+    layout had been timed faster for it)."""
+    sample = weight.detach()[:SAMPLE_OUTPUTS]
+    if sample.is_contiguous():
+        return sample
+    return sample.t().contiguous().t() if weight.t().is_contiguous() else sample.contiguous()
 
 
 def read_kernel_choices(path: Path) -> KernelTimer:

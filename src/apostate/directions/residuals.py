@@ -1,4 +1,5 @@
-"""Residual-stream means at the last prompt position, for every layer (and the embeddings)."""
+"""Hidden states at the last prompt position, for every layer (and the embeddings): their means
+(what a run needs), or every prompt's (what `apostate inspect` looks at)."""
 
 from __future__ import annotations
 
@@ -29,11 +30,36 @@ def residual_means(
     total: Tensor | None = None
     with track(label, total=len(texts)) as advance:
         for indices, inputs in batches(tokenizer, texts, batch_size, device):
-            outputs = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
-            # (batch, positions, hidden): position 0 is the embedding output.
-            states = torch.stack([h[:, -1, :] for h in outputs.hidden_states], dim=1).to(keep_on, torch.float32)
-            states = winsorize(states, winsorization_quantile)
+            states = _last_token_states(model, inputs, winsorization_quantile, keep_on)
             batch_sum = states.sum(dim=0)
             total = batch_sum if total is None else total + batch_sum
             advance(len(indices))
     return (total / len(texts)).cpu()
+
+
+@torch.inference_mode()
+def prompt_residuals(
+    model, tokenizer, texts: list[str], batch_size: int, device, winsorization_quantile: float, label: str
+) -> Tensor:
+    """(prompts, layers + 1, hidden) float32 hidden states at the last prompt token of every
+    prompt, in the order of `texts`, on the CPU; winsorized as `residual_means` does, so their
+    mean over prompts is what it returns (up to the order of the sums).
+
+    Holds every prompt's states: prompts × (layers + 1) × hidden × 4 bytes.
+    """
+    rows: list[Tensor | None] = [None] * len(texts)
+    with track(label, total=len(texts)) as advance:
+        for indices, inputs in batches(tokenizer, texts, batch_size, device):
+            states = _last_token_states(model, inputs, winsorization_quantile, "cpu")
+            for row, index in enumerate(indices):
+                rows[index] = states[row].clone()  # not a view: the batch's storage can go
+            advance(len(indices))
+    return torch.stack(rows)
+
+
+def _last_token_states(model, inputs: dict, winsorization_quantile: float, keep_on) -> Tensor:
+    """(batch, layers + 1, hidden) float32 winsorized hidden states at the last position."""
+    outputs = model(**inputs, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+    # (batch, positions, hidden): position 0 is the embedding output.
+    states = torch.stack([h[:, -1, :] for h in outputs.hidden_states], dim=1).to(keep_on, torch.float32)
+    return winsorize(states, winsorization_quantile)

@@ -54,15 +54,18 @@ class AdapterSlot:
         return WriterEdit(self.writer, self.parameter_shape, self.delta)
 
     def base_weight(self) -> Tensor:
-        """The unedited weight, dequantized, as float32 (experts, out, in)."""
+        """The unedited weight, dequantized, as float32 (experts, out, in), row-major.
+
+        Row-major whatever layout the CPU kernels chose for speed (a timed choice): an edit
+        computed from it then has the same bits in every run, resumed or reproduced."""
         base = self.module.get_base_layer()
         if self.stacked:
             weight = getattr(base, self.writer.parameter).detach().float()
-            return weight.transpose(1, 2) if stacked_output_dim(base) == 2 else weight
+            return (weight.transpose(1, 2) if stacked_output_dim(base) == 2 else weight).contiguous()
         weight = base.weight
         if getattr(weight, "quant_state", None) is not None:
             weight = dequantize(weight)
-        return weight.detach().float().reshape(1, base.out_features, base.in_features)
+        return weight.detach().float().contiguous().reshape(1, base.out_features, base.in_features)
 
     def write(self, a: Tensor, b: Tensor) -> None:
         """Set the factors so that the edit is B @ A; rank may be below the slot's rank."""

@@ -15,13 +15,16 @@ from ..scoring.verdicts import Verdict, VerdictCounts
 from ..search.judged import judge_front
 from ..search.pareto import count_text, failures, judged_counts, pareto_trials, trial_record
 from ..search.study import completed
+from .chosen import record_chosen
 from .export import TrialSummary, save_adapter, save_merged
+from .reproduce import recipe
 
 ACTION_LABELS = {
     "save": "Save the merged model",
     "save-adapter": "Save the LoRA adapter only",
     "evaluate": "Score on the held-out prompts",
     "chat": "Chat with the model",
+    "upload": "Upload to the Hugging Face hub",
 }
 
 
@@ -53,12 +56,17 @@ def act(session) -> None:
         if session.judge is not None:
             judge_front(session, session.judge, extra=[trial])
         _announce(session.study, trial)
-        session.restore(trial)
-        # An evaluation goes first, so that a saved model's card carries its held-out scores.
-        for action in sorted(session.settings.actions, key=lambda action: action != "evaluate"):
+        record_chosen(session, trial)  # leaves the model in the trial's state
+        for action in sorted(session.settings.actions, key=_action_order):
             perform(session, trial, action)
         return
     _interactive(session)
+
+
+def _action_order(action: str) -> int:
+    """Headless actions run in the order given, but an evaluation goes first, so that a saved model's
+    card carries its held-out scores, and an upload last, so that it publishes what the saves wrote."""
+    return (action != "evaluate") + (action == "upload")
 
 
 def _interactive(session) -> None:
@@ -72,7 +80,7 @@ def _interactive(session) -> None:
         trial = questionary.select("Which trial?", choices=choices + [questionary.Choice("Quit", value=None)]).ask()
         if trial is None:
             return
-        session.restore(trial)
+        record_chosen(session, trial)  # leaves the model in the trial's state
         while True:
             options = [questionary.Choice(label, value=key) for key, label in ACTION_LABELS.items()]
             options += [questionary.Choice("Pick another trial", value="back"), questionary.Choice("Quit", value=None)]
@@ -106,9 +114,10 @@ def perform(session, trial, action: str) -> None:
         from .chat import chat
 
         chat(session.model, session.loaded.tokenizer, settings.system_prompt, session.loaded.device)
+    elif action == "upload":
+        _upload(session, trial)
     elif action in ("save", "save-adapter"):
-        default = session.run_dir / ("model" if action == "save" else "adapter")
-        output = settings.output_dir or default
+        output = _export_folder(session, action)
         summary = _summary(session, trial)
         if action == "save":
             path = save_merged(
@@ -130,6 +139,33 @@ def perform(session, trial, action: str) -> None:
         console.print(f"Saved to [bold]{path}[/]")
 
 
+def _export_folder(session, action: str) -> Path:
+    """Where a save action writes: --output-dir, else <run_dir>/model or <run_dir>/adapter."""
+    return session.settings.output_dir or session.run_dir / ("model" if action == "save" else "adapter")
+
+
+def _upload(session, trial) -> None:
+    """Publish the trial's export on the hub; saved first unless its folder already holds it."""
+    from . import upload
+
+    settings = session.settings
+    ask = can_ask(settings.headless)
+    chosen = upload.destination(settings.upload, ask)
+    if chosen is None:
+        console.print("Upload cancelled.")
+        return
+    token = upload.upload_token(ask)
+    save = "save" if settings.upload.export == "model" else "save-adapter"
+    folder = _export_folder(session, save)
+    summary = _summary(session, trial)  # what a save would write now (held-out scores included)
+    expected = {"method": summary.method, "trial": summary.trial_number}
+    expected |= {"optuna_parameters": summary.raw_parameters, "scores": summary.scores}
+    if not upload.holds_export(folder, expected):
+        perform(session, trial, save)
+    url = upload.publish(folder, *chosen, token)
+    console.print(f"Uploaded {folder} to [bold]{url}[/]")
+
+
 def _summary(session, trial) -> TrialSummary:
     record = trial_record(trial, judged_counts(session.study, trial.number))
     evaluation = {key: record[key] for key in ("refusals", "broken", "total", "kl")}
@@ -148,6 +184,7 @@ def _summary(session, trial) -> TrialSummary:
         parameters=record["parameters"],
         scores=scores,
         settings=session.settings.model_dump(mode="json", exclude={"config"}),
+        recipe=recipe(session, trial),
     )
 
 

@@ -24,13 +24,15 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
 from ..errors import ApostateError, first_line
 from ..model.adapter import ADAPTER, Adapter
 from ..model.architecture import WriterEdit
+from ..model.identity import base_identity
 from ..model.sources import ModelSource
 from ..progress import console, track
+from .card import write_card
 from .merge import INDEX_NAME, MODEL_FILE_PATTERNS, Checkpoint, copy_model_files, parameter_name, stream_merge
+from .reproduce import write_record
 
 
 @dataclass
@@ -43,6 +45,7 @@ class TrialSummary:
     parameters: dict  # the method's own description
     scores: dict  # label -> {"refusals", "broken", "total", "kl", and "judged": {...} where a judge re-scored}
     settings: dict = field(default_factory=dict)
+    recipe: dict = field(default_factory=dict)  # what rebuilds the weights (reproduce.py); empty: no reproduce.json
 
 
 def save_merged(
@@ -73,7 +76,7 @@ def save_merged(
             console.print(f"[yellow]Merging in memory: {reason}.[/]")
             _merge_in_memory(source, list(edits_by_name.values()), staging, max_shard_size, trust_remote_code)
         tokenizer.save_pretrained(staging)
-        _write_card(staging, source, summary, merged=True)
+        _write_card(staging, source, summary, merged=True, snapshot=folder)
     return output_dir
 
 
@@ -246,84 +249,8 @@ def _write_error(output_dir: Path, error: BaseException) -> ApostateError:
     return ApostateError(f"export to {output_dir} failed: {problem}; {fix} (any previous export there is unchanged)")
 
 
-def _write_card(output_dir: Path, source: ModelSource, summary: TrialSummary, merged: bool) -> None:
-    record = {
-        "apostate_version": __version__,
-        "base_model": source.name,
-        "base_model_revision": source.revision,
-        "method": summary.method,
-        "trial": summary.trial_number,
-        "optuna_parameters": summary.raw_parameters,
-        "parameters": summary.parameters,
-        "scores": summary.scores,
-        "settings": summary.settings,
-    }
-    (output_dir / "apostate.json").write_text(json.dumps(record, indent=2, default=str))
-    (output_dir / "README.md").write_text(_card_text(source, summary, merged))
-
-
-def _score_rows(scores: dict) -> str:
-    """The card's score table: the markers' counts (the search's), and the judge's beside them."""
-    judges = {s["judged"]["judge"] for s in scores.values() if s.get("judged")}
-    judged_header = f" Judged by {', '.join(sorted(judges))} |" if judges else ""
-    lines = [
-        f"| Prompts | Refusals (markers) | Broken (markers) |{judged_header} KL divergence from the base model |",
-        "| :--- | ---: | ---: |" + (" :--- |" if judges else "") + " ---: |",
-    ]
-    for label, s in scores.items():
-        judged = s.get("judged")
-        judged_cell = (
-            f" {judged['refusals']}/{judged['total']} refused, {judged['broken']} broken |" if judged else " - |"
-        )
-        lines.append(
-            f"| {label} | {s['refusals']}/{s['total']} | {s.get('broken', 0)} |{judged_cell if judges else ''} "
-            f"{s['kl']:.4f} |"
-        )
-        if "base_refusals" in s:  # the unedited model on the same prompts
-            base = s.get("base_judged")
-            base_cell = f" {base['refusals']}/{base['total']} refused, {base['broken']} broken |" if base else " - |"
-            lines.append(
-                f"| {label}, base model | {s['base_refusals']}/{s['total']} | - |{base_cell if judges else ''} 0 |"
-            )
-    for label, s in scores.items():
-        if s.get("categories"):
-            lines += ["", f"Refusals on the {label} prompts by category ({s['categories_judge']}):", ""]
-            lines += ["| Category | Refused | Broken |", "| :--- | ---: | ---: |"]
-            lines += [
-                f"| {category} | {row['refusals']}/{row['total']} | {row['broken']} |"
-                for category, row in s["categories"].items()
-            ]
-    return "\n".join(lines)
-
-
-def _card_text(source: ModelSource, summary: TrialSummary, merged: bool) -> str:
-    rows = _score_rows(summary.scores)
-    kind = "a merged model" if merged else "a LoRA adapter for the base model"
-    base_line = f"base_model: {source.name}\n" if source.name != "demo" else ""
-    return f"""---
-{base_line}tags:
-- apostate
-- abliterated
-- uncensored
----
-
-# {Path(source.name).name} (apostate)
-
-This is {kind} made with [apostate](https://pypi.org/project/apostate/) {__version__},
-which removes refusal behaviour from chat models while keeping them as close to the
-original as possible. Method: **{summary.method}**, trial {summary.trial_number}.
-
-{rows}
-
-KL divergence is measured on the first-token distributions of harmless prompts. Refusals
-(markers) count responses to harmful prompts that hold a refusal phrase; broken ones are
-repetition loops, text in another language or garbage; a judge, where one was set, labels the
-full responses as refusal, compliance or broken.
-The exact parameters and settings are in `apostate.json`.
-
-## Parameters
-
-```json
-{json.dumps(summary.parameters, indent=2)}
-```
-"""
+def _write_card(output_dir: Path, source: ModelSource, summary: TrialSummary, merged: bool, snapshot=None) -> None:
+    """The card and apostate.json; then reproduce.json, with the hashes of the weight files written."""
+    write_card(output_dir, base_identity(source, snapshot), summary, merged)
+    if summary.recipe:
+        write_record(output_dir, summary.recipe, "model" if merged else "adapter")

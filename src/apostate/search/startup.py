@@ -72,10 +72,10 @@ def prepare(
     with _timed(seconds, "batch_size"):
         batch_size = _batch_size(model, tokenizer, device, kernels, settings, prompts)
     with _timed(seconds, "prefix"):
-        prefix = _response_prefix(model, tokenizer, device, kernels, settings, prompts, batch_size)
+        prefix = measure_response_prefix(model, tokenizer, device, kernels, settings, prompts, batch_size)
     texts = Texts(tokenizer, settings, prompts, prefix)
     with _timed(seconds, "residuals"):
-        directions = _directions(model, tokenizer, device, settings, texts, batch_size)
+        directions = measure_directions(model, tokenizer, device, settings, texts, batch_size)
     with _timed(seconds, "base_scores"):
         console.print("Scoring the base model...")
         scorer = build_scorer(tokenizer, device, kernels, settings, batch_size, texts)
@@ -127,7 +127,9 @@ def _batch_size(model, tokenizer, device, kernels, settings: Settings, prompts: 
     return batch_size
 
 
-def _response_prefix(model, tokenizer, device, kernels, settings: Settings, prompts: PromptSplits, batch_size: int):
+def measure_response_prefix(
+    model, tokenizer, device, kernels, settings: Settings, prompts: PromptSplits, batch_size: int
+):
     prefix = settings.response_prefix
     if prefix is None:
         plain = Texts(tokenizer, settings, prompts, "")
@@ -138,7 +140,8 @@ def _response_prefix(model, tokenizer, device, kernels, settings: Settings, prom
     return prefix
 
 
-def _directions(model, tokenizer, device, settings: Settings, texts: Texts, batch_size: int) -> Tensor:
+def measure_directions(model, tokenizer, device, settings: Settings, texts: Texts, batch_size: int) -> Tensor:
+    """Refusal directions from the direction prompts (the run's residual means; see directions/)."""
     console.print("Computing refusal directions...")
     keep_on = "cpu" if settings.activations_on == "cpu" else device
     quantile = settings.winsorization_quantile

@@ -82,6 +82,12 @@ def open_study(
     return study
 
 
+def load_run_study(run_dir: Path) -> optuna.Study:
+    """A run folder's study as stored, for reading (no settings check, no sampler)."""
+    storage = JournalStorage(JournalFileBackend(str(run_dir / JOURNAL)))
+    return optuna.load_study(study_name=STUDY_NAME, storage=storage)
+
+
 def repair_journal(journal: Path) -> None:
     """Set aside a half-written last record (a kill during a write), so that new records are not
     appended onto it; every complete record before it, so every finished trial, is kept.

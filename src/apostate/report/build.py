@@ -1,0 +1,134 @@
+"""Assemble the report: draw the pictures into `<run_dir>/report/`, then write index.html around them."""
+
+from __future__ import annotations
+
+import os
+from html import escape
+from pathlib import Path
+
+from ..search.pareto import count_text
+from . import figures
+from .data import RunData, load_run
+from .page import front_table, image, page, samples_html, table
+
+
+def build_report(run_dir: Path) -> Path:
+    """Write `<run_dir>/report/index.html` and its PNGs; return the page's path."""
+    data = load_run(Path(run_dir))
+    folder = data.run_dir / "report"
+    folder.mkdir(exist_ok=True)
+    chosen = data.chosen_trial
+    sections = [
+        ("Pareto front", _front_section(data, folder)),
+        ("Scores of the chosen trial", _scores_section(data, folder)),
+        ("The chosen edit over layers", _edit_section(data, folder)),
+        ("Search progress", _progress_section(data, folder)),
+        ("Time and memory", _phases_section(data, folder)),
+        ("Responses: base model and chosen trial", samples_html(data.chosen.get("samples", [])) if data.chosen else ""),
+    ]
+    title = f"apostate report: {data.model_name}"
+    html = page(title, sections, _summary(data, chosen))
+    path = folder / "index.html"
+    scratch = path.with_suffix(".html.partial")
+    scratch.write_text(html, encoding="utf-8")
+    os.replace(scratch, path)
+    return path
+
+
+def _summary(data: RunData, chosen) -> str:
+    method = f", method <b>{escape(data.method)}</b>" if data.method else ""
+    lines = [
+        f"<p>Model <b>{escape(data.model_name)}</b>{method}: {len(data.trials)} finished trials, "
+        f"{len(data.front)} on the Pareto front. The base model refuses "
+        f"{data.base.refusals}/{data.base.total} harmful evaluation prompts.</p>"
+    ]
+    if chosen is not None:
+        attrs = chosen.user_attrs
+        lines.append(
+            f"<p>Chosen: <b>trial {chosen.number}</b>, refusals {attrs['refusals']}/{attrs['total']}, "
+            f"broken {attrs.get('broken', 0)}, KL {attrs['kl']:.4f} (evaluation prompts).</p>"
+        )
+    else:
+        lines.append('<p class="note">No trial was chosen yet (the run has not acted on one).</p>')
+    return "".join(lines)
+
+
+def _front_section(data: RunData, folder: Path) -> str:
+    number = data.chosen_trial.number if data.chosen_trial else None
+    png = figures.plot_front(data.study, data.base, folder / "front.png", number)
+    return image(png, "Pareto front") + front_table(data)
+
+
+def _scores_section(data: RunData, folder: Path) -> str:
+    """Evaluation and held-out scores of the chosen trial beside the base model's: a gap between the
+    two sets is over-fitting to the evaluation prompts."""
+    chosen = data.chosen_trial
+    if chosen is None:
+        return ""
+    attrs = chosen.user_attrs
+    base_judged, judged, heldout = data.judged("base"), data.judged(chosen.number), data.heldout(chosen.number)
+    rows = [
+        ("evaluation, base", data.base.refusal_rate, _rate(base_judged)),
+        ("evaluation, chosen", (attrs["refusals"] + attrs.get("broken", 0)) / attrs["total"], _rate(judged)),
+    ]
+    table_rows = [
+        ["evaluation", "base model", f"{data.base.refusals}/{data.base.total}", "-", _text(base_judged), "0"],
+        ["evaluation", f"trial {chosen.number}", f"{attrs['refusals']}/{attrs['total']}", str(attrs.get("broken", 0)),
+         _text(judged), f"{attrs['kl']:.4f}"],
+    ]  # fmt: skip
+    if heldout:
+        total = heldout["total"]
+        rows += [
+            ("held-out, base", heldout["base_refusals"] / total, _rate(heldout.get("base_judged"))),
+            ("held-out, chosen", (heldout["refusals"] + heldout["broken"]) / total, _rate(heldout.get("judged"))),
+        ]
+        table_rows += [
+            ["held-out", "base model", f"{heldout['base_refusals']}/{total}", "-", _text(heldout.get("base_judged")), "0"],
+            ["held-out", f"trial {chosen.number}", f"{heldout['refusals']}/{total}", str(heldout["broken"]),
+             _text(heldout.get("judged")), f"{heldout['kl']:.4f}"],
+        ]  # fmt: skip
+    png = figures.plot_scores(rows, folder / "scores.png")
+    headers = ["Prompts", "Model", "Refusals (markers)", "Broken", "Judged", "KL divergence"]
+    html = image(png, "scores") + table(headers, table_rows, {0, 1})
+    if not heldout:
+        html += '<p class="note">No held-out evaluation yet: run the "evaluate" action to see over-fitting.</p>'
+    if heldout and heldout.get("categories"):
+        category_rows = [
+            [name, f"{row['refusals']}/{row['total']}", str(row["broken"])]
+            for name, row in heldout["categories"].items()
+        ]
+        html += f"<h3>Held-out refusals by category ({escape(heldout['categories_judge'])})</h3>"
+        html += table(["Category", "Refused", "Broken"], category_rows, {0})
+    return html
+
+
+def _rate(counts: dict | None) -> float | None:
+    return (counts["refusals"] + counts["broken"]) / counts["total"] if counts else None
+
+
+def _text(counts: dict | None) -> str:
+    return count_text(counts) if counts else "-"
+
+
+def _edit_section(data: RunData, folder: Path) -> str:
+    chosen = data.chosen_trial
+    if chosen is None:
+        return ""
+    norms = data.chosen.get("edit_norms")
+    png = figures.plot_edit(chosen.user_attrs["parameters"], norms, folder / "edit.png")
+    return image(png, "edit over layers")
+
+
+def _progress_section(data: RunData, folder: Path) -> str:
+    png = figures.plot_progress(data.trials, data.pick_max_kl, data.base.refusal_rate, folder / "progress.png")
+    return image(png, "search progress")
+
+
+def _phases_section(data: RunData, folder: Path) -> str:
+    if not data.phases:
+        return ""
+    png = figures.plot_phases(data.phases, folder / "phases.png")
+    rows = [[r["name"], f"{r['seconds']:.1f}", f"{r['peak_rss'] / 2**30:.2f} GiB"] for r in data.phases["phases"]]
+    medians = data.phases.get("trial_medians", {})
+    rows += [[f"per trial: {name} (median)", f"{seconds:.2f}", ""] for name, seconds in medians.items()]
+    return image(png, "phases") + table(["Phase", "Seconds", "Peak RSS"], rows, {0})
