@@ -75,9 +75,20 @@ def machine(device, dtype, quantized: bool) -> dict:
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "quantized": quantized,
-        "processor": platform.processor() or platform.machine(),
+        "processor": processor_name(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
     }
+
+
+def processor_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def prompt_hashes(prompts) -> dict[str, str]:
