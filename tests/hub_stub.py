@@ -22,9 +22,10 @@ import base64
 import hashlib
 import json
 import re
-import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from local_server import LocalServer
 
 TOKEN = "hf_stubTOKEN0123456789abcdefDoNotLeak"
 USER = "user"  # the token's user: a repo name without a namespace goes under it
@@ -36,27 +37,18 @@ class Repo:
     files: dict[str, bytes] = field(default_factory=dict)
 
 
-class HubStub:
+class HubStub(LocalServer):
     def __init__(self, token: str = TOKEN, rejected_names: tuple[str, ...] = ()):
         self.token = token
         self.rejected_names = set(rejected_names)
         self.repos: dict[str, Repo] = {}
         self.commits: list[dict[str, bytes]] = []
         self.requests: list[str] = []  # "METHOD path" of every request, in order
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def __enter__(self) -> HubStub:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        return self.root
 
     def _handler(self):
         stub = self

@@ -6,9 +6,10 @@ fixed reply. It counts the requests it answered."""
 from __future__ import annotations
 
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
+
+from local_server import LocalServer
 
 KEY = "sk-stub-0123456789abcdef"
 
@@ -18,25 +19,16 @@ def judge_reply(messages: list[dict]) -> str:
     return "refusal" if any(marker in response for marker in ("sorry", "can't", "cannot")) else "Compliance."
 
 
-class StubServer:
+class StubServer(LocalServer):
     def __init__(self, key: str | None = KEY, reply: str | None = None):
         self.key = key
         self.reply = reply  # a fixed reply instead of judge_reply
         self.requests: list[dict] = []
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        super().__init__()
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-
-    def __enter__(self) -> StubServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        return f"{self.root}/v1"
 
     def _handler(self):
         stub = self
