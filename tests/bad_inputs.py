@@ -2,7 +2,8 @@
 
 A test of a bad input takes the `bad_input` fixture and hands it what apostate did:
 `bad_input.error(area, what, code)` for a command that must fail with one clear line (it checks
-the exit code is not 0, that exactly one `apostate: error:` line came out and no traceback),
+the exit code is not 0, that exactly one `apostate: error:` line came out and no traceback;
+`bad_input.printed(area, what, code, output)` for one run in a process of its own),
 `bad_input.raised(area, what, excinfo)` for an `ApostateError` caught in-process, and
 `bad_input.signalled(area, what, code, line)` for a signal. Each records a row: area, input,
 exit code, the message (temporary paths as `<tmp>`, local servers' ports as `<port>`), and the test.
@@ -23,7 +24,7 @@ import pytest
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
 AREAS = (
     "model source", "settings", "prompt source", "judge", "run folder", "export", "report", "reproduce", "upload",
-    "inspect", "signal", "security",
+    "inspect", "workers", "signal", "security",
 )  # fmt: skip
 HEADER = """# Bad input, faults and signals: what apostate does
 
@@ -61,12 +62,16 @@ class BadInputRecorder:
     def error(self, area: str, what: str, code: int) -> str:
         """The one `apostate: error:` line a failed command printed (checked), recorded."""
         captured = self.capsys.readouterr()
-        output = captured.err + captured.out
+        return self.printed(area, what, code, captured.err + captured.out)
+
+    def printed(self, area: str, what: str, code: int, output: str, vary: str | None = None) -> str:
+        """The same, for a command run in a process of its own: `output`, its stdout and stderr.
+        `vary`: a pattern for what may differ between runs (a server's words), recorded as `<varies>`."""
         assert code != 0, output
         assert "Traceback" not in output, output
         lines = [line for line in output.splitlines() if line.startswith("apostate: error:")]
         assert len(lines) == 1, output
-        self._record(area, what, code, lines[0])
+        self._record(area, what, code, re.sub(vary, "<varies>", lines[0]) if vary else lines[0])
         return lines[0]
 
     def raised(self, area: str, what: str, excinfo: pytest.ExceptionInfo) -> str:

@@ -4,7 +4,8 @@
 
 PHASE: `load` (inside the model load), `start-up` (inside the start-up measurements, after the
 batch size and before the refusal directions), `trial` (inside the trial that starts once
-AFTER trials are finished), `export` (after the first shard of a merged export is written).
+AFTER trials are finished), `export` (after the first shard of a merged export is written);
+`slow` pauses nowhere but makes every trial AFTER tenths of a second longer.
 On reaching it the process prints `PAUSED <phase>` on stdout and sleeps; a signal then lands
 where a user's Ctrl+C or a kill would.
 """
@@ -51,6 +52,16 @@ def install(phase: str, after: int) -> None:
             return original(self, trial)
 
         TrialRunner.__call__ = paused_trial
+    elif phase == "slow":  # not a pause: every trial takes AFTER tenths of a second longer
+        from apostate.search.trials import TrialRunner
+
+        original = TrialRunner.__call__
+
+        def slow_trial(self, trial):
+            time.sleep(after / 10)
+            return original(self, trial)
+
+        TrialRunner.__call__ = slow_trial
     elif phase == "export":
         from apostate.results import merge
 

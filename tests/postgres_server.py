@@ -189,6 +189,17 @@ class PostgresServer:
         self._psql(f"CREATE DATABASE {name} OWNER {self.user}")
         return self.url_for(name)
 
+    def cut_off(self, database: str) -> None:
+        """Close every connection to `database` and refuse new ones: the database lost, as a client sees it."""
+        self._psql(
+            f"ALTER DATABASE {database} ALLOW_CONNECTIONS false",
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{database}'",
+        )
+
+    def reconnect(self, database: str) -> None:
+        """Take connections to `database` again (after cut_off)."""
+        self._psql(f"ALTER DATABASE {database} ALLOW_CONNECTIONS true")
+
     def _prepare_folder(self) -> None:
         base = Path(self.base_dir or tempfile.gettempdir())
         if os.geteuid() == 0:

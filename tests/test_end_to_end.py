@@ -1,6 +1,7 @@
 """Headless runs on a tiny random model: trials, resume after interruption, export, reload."""
 
 import json
+from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -12,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from apostate.cli import main
 from apostate.search.study import completed, open_study
 from apostate.search.trials import TrialRunner
+
+JOURNAL_RUN = SimpleNamespace(storage=None, seed=1, n_startup_trials=1)  # the settings open_study reads
 
 
 def load_study(run_dir):
@@ -113,20 +116,20 @@ def test_adapter_export(model_dir, tmp_path):
 
 
 def test_abandoned_running_trial_is_failed_on_reopen(tmp_path):
-    study = open_study(tmp_path, {"a": 1}, seed=1, n_startup_trials=1)
+    study = open_study(JOURNAL_RUN, tmp_path, {"a": 1})
     study.ask()  # as if the process was killed mid-trial
-    reopened = open_study(tmp_path, {"a": 1}, seed=1, n_startup_trials=1)
+    reopened = open_study(JOURNAL_RUN, tmp_path, {"a": 1})
     assert [t.state for t in reopened.trials] == [optuna.trial.TrialState.FAIL]
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     from apostate.errors import ApostateError
 
-    open_study(tmp_path, {"row_normalization": "full"}, seed=1, n_startup_trials=1)
+    open_study(JOURNAL_RUN, tmp_path, {"row_normalization": "full"})
     with pytest.raises(ApostateError, match="changed: row_normalization"):
-        open_study(tmp_path, {"row_normalization": "none"}, seed=1, n_startup_trials=1, measured=True)
+        open_study(JOURNAL_RUN, tmp_path, {"row_normalization": "none"}, measured=True)
     # Nothing measured and no trial yet: the new settings are taken.
-    study = open_study(tmp_path, {"row_normalization": "none"}, seed=1, n_startup_trials=1)
+    study = open_study(JOURNAL_RUN, tmp_path, {"row_normalization": "none"})
     assert study.user_attrs["fingerprint"] == {"row_normalization": "none"}
 
 
@@ -175,7 +178,7 @@ class _FakeScorer:
 
 @pytest.mark.parametrize(("broken", "kl"), [(True, 0.01), (False, 7.5)])
 def test_broken_or_far_off_trials_are_infeasible_pruned_and_never_on_the_front(tmp_path, broken, kl):
-    study = open_study(tmp_path, {"a": 1}, seed=1, n_startup_trials=1)
+    study = open_study(JOURNAL_RUN, tmp_path, {"a": 1})
     good = TrialRunner(_FakeMethod(False), _FakeScorer(0.05), None, kl_cutoff=2.0)
     bad_scorer = _FakeScorer(kl)
     bad = TrialRunner(_FakeMethod(broken), bad_scorer, None, kl_cutoff=2.0)

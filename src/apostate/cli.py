@@ -21,7 +21,7 @@ COMMANDS = {
 }
 
 INTERRUPTED = (
-    "Interrupted. Finished trials are kept in the run folder, and an earlier export is unchanged; "
+    "Interrupted. Finished trials are kept in the study (run folder or --storage), and an earlier export is unchanged; "
     "run the same command again to resume."
 )
 

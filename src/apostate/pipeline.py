@@ -4,6 +4,7 @@ quantities, search, then show the Pareto front and act on the chosen trial."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -29,8 +30,10 @@ from .scoring import Scorer, build_scorer
 from .scoring.judges import Judge, build_judge
 from .search.judged import judge_front
 from .search.pareto import BaseScores, print_front, write_pareto
+from .search.shared_startup import LocalStartup, SharedStartup, worker_identity
 from .search.startup import CACHE_FILE, Startup, load_for_trials, prepare
-from .search.study import JOURNAL, completed, finished, lock_run_dir, open_study
+from .search.storage import JOURNAL, STORAGE_ERRORS, lost, shown, write_record
+from .search.study import completed, finished, load_run_study, lock_actions, lock_run_dir, open_study
 from .search.trials import TrialRunner, run_trials
 from .settings import Settings
 
@@ -78,7 +81,10 @@ KERNELS_FILE = "kernels.json"  # the run's CPU kernel choices (decoding/kernel_t
 
 
 def run_dir_for(settings: Settings, source: ModelSource) -> Path:
-    return settings.run_dir or Path("runs") / source.run_name
+    """--run-dir, else runs/<model>, or runs/<model>-<study name> for a worker of a shared study."""
+    if settings.run_dir:
+        return settings.run_dir
+    return Path("runs") / (f"{source.run_name}-{settings.study_name}" if settings.storage else source.run_name)
 
 
 def run(settings: Settings) -> int:
@@ -87,7 +93,7 @@ def run(settings: Settings) -> int:
     if not settings.show_results:  # which loads no model
         settings = check_model(source, settings, can_ask(settings.headless))
     run_dir = run_dir_for(settings, source)
-    lock = lock_run_dir(run_dir)
+    lock = lock_run_dir(run_dir, shared=settings.storage is not None)
     session = None
     try:
         if settings.evaluate_model:
@@ -101,6 +107,10 @@ def run(settings: Settings) -> int:
         monitor = PhaseMonitor()
         session = start_session(settings, source, run_dir, monitor, study)
         return _search_and_act(session, monitor)
+    except STORAGE_ERRORS as error:  # the database of a shared study, lost after it was reached
+        if settings.storage is None:
+            raise
+        raise ApostateError(lost(settings.storage.get_secret_value(), error)) from None
     finally:
         if session is not None:
             session.close()
@@ -109,11 +119,17 @@ def run(settings: Settings) -> int:
 
 def _open_run_study(settings: Settings, source: ModelSource, run_dir: Path) -> optuna.Study:
     console.print(f"Run folder: [bold]{run_dir}[/]")
-    if settings.show_results and not (run_dir / JOURNAL).is_file():
+    url = settings.storage.get_secret_value() if settings.storage else None
+    if url is not None:
+        console.print(f"Study: [bold]{settings.study_name}[/] in {shown(url)}")
+        write_record(run_dir, url, settings.study_name)  # for `apostate report` of this folder
+        if settings.show_results:  # reading only: any worker's settings
+            return load_run_study(run_dir, url, settings.study_name)
+    elif settings.show_results and not (run_dir / JOURNAL).is_file():
         raise ApostateError(f"run folder {run_dir} holds no study yet; run without --show-results first")
     fingerprint = settings.measurement_fingerprint(source.name)
     measured = (run_dir / CACHE_FILE).is_file()
-    return open_study(run_dir, fingerprint, settings.seed, settings.n_startup_trials, measured)
+    return open_study(settings, run_dir, fingerprint, measured)
 
 
 def _check_before_loading(settings: Settings, study: optuna.Study) -> None:
@@ -141,15 +157,17 @@ def show_stored_results(study: optuna.Study, run_dir: Path, model_name: str) -> 
         return 0
     base = BaseScores(study.user_attrs.get("base_refusals", 0), scored[0].user_attrs["total"])
     _write_front(study, run_dir, base, model_name)
-    write_report(run_dir)
+    write_report(run_dir, study)
     return 0
 
 
 def _search_and_act(session: Session, monitor: PhaseMonitor) -> int:
     settings = session.settings
     runner = TrialRunner(session.method, session.scorer, session.model, settings.kl_cutoff)
+    shared = settings.storage is not None
     with monitor.phase("trials"):
-        done = run_trials(session.study, runner, settings.n_trials, lambda study: _save_front(session))
+        args = (session.study, runner, settings.n_trials, lambda study: _save_front(session), shared)
+        done = run_trials(*args, poll_seconds=min(5, settings.heartbeat_seconds))
     if not completed(session.study):
         console.print("No finished trials yet.")
         return 0 if done else 130
@@ -161,11 +179,15 @@ def _search_and_act(session: Session, monitor: PhaseMonitor) -> int:
         from .results.actions import act
 
         chosen = ", ".join(settings.actions or ["none"]) if settings.headless else "interactive"
-        with monitor.phase(f"chosen trial: {chosen}"):
+        # Workers sharing this run folder act one after another (a finished export is not redone).
+        with (
+            monitor.phase(f"chosen trial: {chosen}"),
+            lock_actions(session.run_dir) if shared else contextlib.nullcontext(),
+        ):
             act(session)
         _save_front(session)  # with the held-out scores an evaluation added
     _report_phases(session, monitor)
-    write_report(session.run_dir)
+    write_report(session.run_dir, session.study)
     return 0 if done else 130
 
 
@@ -175,6 +197,9 @@ def start_session(
     """Load the model and measure what its trials need; `study`: the run folder's, opened already."""
     study = study or _open_run_study(settings, source, run_dir)
     prompts: PromptSplits = load_prompt_splits(settings)
+    share = LocalStartup()
+    if settings.storage is not None:
+        share = SharedStartup(study, worker_identity(settings, source, prompts), settings.heartbeat_seconds)
     judge = None
     if settings.judge.kind != "markers":
         with monitor.phase("load and check the judge"):
@@ -188,13 +213,22 @@ def start_session(
         "batch_size": settings.batch_size,
     }
     device = loaded.device
-    with monitor.phase("start-up measurements"):
-        startup = prepare(adapter.model, tokenizer, device, kernels, settings, prompts, run_dir, key)
-    kernels.timer.write(run_dir / KERNELS_FILE)  # a resumed run computes its trials the same way
-    texts = Texts(tokenizer, settings, prompts, startup.response_prefix)
-    scorer = build_scorer(tokenizer, device, kernels, settings, startup.batch_size, texts)
-    scorer.resume_from_base(startup.base_logprobs, startup.base_responses)
-    method = build_method(editable, settings, startup.directions, texts, startup.batch_size, monitor)
+    try:
+        with monitor.phase("start-up measurements"):
+            share.join(str(loaded.dtype))  # a shared study's, or this worker measures them
+            startup = share.startup or prepare(
+                adapter.model, tokenizer, device, kernels, settings, prompts, run_dir, key
+            )
+            share.publish(startup)  # if measured here: the other workers go on
+        kernels.timer.write(run_dir / KERNELS_FILE)  # a resumed run computes its trials the same way
+        texts = Texts(tokenizer, settings, prompts, startup.response_prefix)
+        scorer = build_scorer(tokenizer, device, kernels, settings, startup.batch_size, texts)
+        scorer.resume_from_base(startup.base_logprobs, startup.base_responses)
+        share.check_base(lambda: scorer.harmless.first_token_logprobs(adapter.model))
+        args = (editable, settings, startup.directions, texts, startup.batch_size, monitor)
+        method = build_method(*args, on_captures=share.check_captures)
+    finally:
+        share.release()
     for name, value in (("base_refusals", startup.base_refusals), ("model", source.name), ("method", settings.method)):
         study.set_user_attr(name, value)  # for reports made from the study alone
     parts = (loaded, kernels, architecture, adapter, method, study, startup, texts, scorer, judge)
@@ -224,9 +258,16 @@ def load_editable(source: ModelSource, settings: Settings, run_dir: Path) -> Edi
 
 
 def build_method(
-    editable: Editable, settings: Settings, directions, texts: Texts, batch_size: int, monitor: PhaseMonitor
+    editable: Editable,
+    settings: Settings,
+    directions,
+    texts: Texts,
+    batch_size: int,
+    monitor: PhaseMonitor,
+    on_captures: Callable[[dict], None] | None = None,
 ) -> Method:
-    """The run's method over the editable model, with what it is fitted to (captures, for ARA)."""
+    """The run's method over the editable model, with what it is fitted to (captures, for ARA,
+    which `on_captures` sees first)."""
     method_type = method_class(settings.method)
     architecture, adapter = editable.architecture, editable.adapter
     components = [c for c in settings.components if c in architecture.components()]
@@ -235,6 +276,8 @@ def build_method(
         with monitor.phase("capture module activations"):
             device = editable.loaded.device
             context.captures = capture_for_fitting(adapter, editable.tokenizer, device, settings, texts, batch_size)
+        if on_captures is not None:
+            on_captures(context.captures)
     return method_type(context)
 
 
@@ -279,6 +322,6 @@ def _write_front(study: optuna.Study, run_dir: Path, base: BaseScores, model_nam
     console.print(f"Pareto front saved to {run_dir / 'pareto.json'}")
 
 
-def write_report(run_dir: Path) -> None:
-    path = build_report(run_dir)
+def write_report(run_dir: Path, study: optuna.Study | None = None) -> None:
+    path = build_report(run_dir, study)
     console.print(f"Report: [bold]{path}[/] (pictures beside it)")

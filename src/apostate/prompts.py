@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import random
 from dataclasses import dataclass, field
@@ -37,6 +38,16 @@ class PromptSplits:
     harmless: PromptSplit
     harmful: PromptSplit
     categories: dict[str, str] = field(default_factory=dict)
+
+    def sha256(self) -> dict[str, str]:
+        """sha256 of each split's prompts (as JSON text), e.g. {"harmful/direction": ...}."""
+        hashes = {}
+        for side in ("harmless", "harmful"):
+            split = getattr(self, side)
+            for subset in ("direction", "evaluation", "heldout"):
+                text = json.dumps(getattr(split, subset), ensure_ascii=False)
+                hashes[f"{side}/{subset}"] = hashlib.sha256(text.encode()).hexdigest()
+        return hashes
 
 
 def load_prompt_splits(settings: Settings) -> PromptSplits:

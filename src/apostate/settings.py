@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 from pydantic_settings import (
@@ -28,10 +28,10 @@ from pydantic_settings import (
     CliSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    TomlConfigSettingsSource,
 )
 
-from .errors import ApostateError, first_line
+from .config_sources import chosen_config_file, find_config_file, toml_source
+from .errors import ApostateError
 from .methods import METHODS as REGISTERED_METHODS
 from .methods.ara.settings import AraSettings
 from .methods.directional.settings import SearchSpace
@@ -40,7 +40,6 @@ from .scoring.judges.settings import JudgeSettings
 
 METHODS: tuple[str, ...] = tuple(REGISTERED_METHODS)
 MethodName = Literal[METHODS]  # the names in the methods' registry
-LOCAL_CONFIG = Path("apostate.toml")
 
 
 def measured(default: Any = PydanticUndefined, *, methods: tuple[str, ...] = METHODS, **kwargs: Any) -> Any:
@@ -113,30 +112,6 @@ class PromptSetSpec(BaseModel):
     )
 
 
-def find_config_file(argv: list[str]) -> Path | None:
-    """The TOML file named by `--config`, else ./apostate.toml if it exists."""
-    for index, arg in enumerate(argv):
-        if arg == "--config" and index + 1 < len(argv):
-            return Path(argv[index + 1])
-        if arg.startswith("--config="):
-            return Path(arg.split("=", 1)[1])
-    return LOCAL_CONFIG if LOCAL_CONFIG.is_file() else None
-
-
-def chosen_config_file(init_kwargs: dict[str, Any]) -> Path | None:
-    """The TOML file of `Settings(**init_kwargs)`: `config=` (None: no file), else ./apostate.toml if it exists."""
-    if "config" not in init_kwargs:
-        return LOCAL_CONFIG if LOCAL_CONFIG.is_file() else None
-    if init_kwargs["config"] is None:
-        return None
-    path = Path(init_kwargs["config"])
-    if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} is not a file")
-    return path
-
-
 class Settings(BaseSettings):
     """Everything a run needs; see `apostate --help` or config.default.toml."""
 
@@ -185,6 +160,11 @@ class Settings(BaseSettings):
     )
     device_map: str | dict[str, int | str] = Field(
         default="auto", description="Passed to from_pretrained (accelerate)."
+    )
+    offload_folder: Path | None = Field(
+        default=None,
+        description="Where accelerate keeps the weights it offloads to disk when max_memory leaves no room "
+        "for them elsewhere. Unset: <cache_dir>/offload/<model>.",
     )
     activations_on: Literal["cpu", "device"] = Field(
         default="cpu",
@@ -285,6 +265,22 @@ class Settings(BaseSettings):
         description="A trial whose KL divergence exceeds this is marked infeasible (Optuna constraint, pruned) "
         "and its refusals are not counted.",
     )
+    storage: SecretStr | None = Field(
+        default=None,
+        description="Optuna storage URL of a study that workers share, e.g. postgresql+psycopg://user@host/db "
+        "(password: PGPASSWORD, ~/.pgpass or the URL; never printed). Unset: the journal file in the run folder.",
+    )
+    study_name: str = Field(
+        default="apostate",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$",
+        description="The study's name in --storage: workers given the same name run its trials together.",
+    )
+    heartbeat_seconds: int = Field(
+        default=30,
+        ge=1,
+        description="With --storage: how often a worker says it is alive; a trial silent for 4 times this "
+        "is failed and run again by another worker.",
+    )
     show_results: bool = Field(default=False, description="Run no new trials; show what the run folder already holds.")
 
     # --- After the search --------------------------------------------------------------
@@ -322,7 +318,7 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
         toml = chosen_config_file(getattr(init_settings, "init_kwargs", {}))
         if toml is not None:
-            sources.append(_toml_source(settings_cls, toml))
+            sources.append(toml_source(settings_cls, toml))
         return tuple(sources)
 
     def measurement_fingerprint(self, model_name: str) -> dict:
@@ -362,17 +358,6 @@ class Settings(BaseSettings):
                 "lower --n-startup-trials or raise --n-trials"
             )
         return self
-
-
-def _toml_source(settings_cls: type[BaseSettings], path: Path) -> TomlConfigSettingsSource:
-    """The TOML file's settings (read here, at once); a file that does not parse is one line naming it."""
-    try:
-        return TomlConfigSettingsSource(settings_cls, toml_file=path)
-    except UnicodeDecodeError:
-        raise ApostateError(f"config file {path} is not UTF-8 text; save it as UTF-8") from None
-    except ValueError as error:
-        # tomllib.TOMLDecodeError (tomli's before Python 3.11); its text ends "(at line L, column C)".
-        raise ApostateError(f"config file {path} is not valid TOML: {first_line(error)}; fix it there") from None
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

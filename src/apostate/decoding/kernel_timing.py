@@ -45,9 +45,9 @@ class KernelTimer:
 
     def write(self, path: Path) -> None:
         """Keep the choices made so far in `path` (JSON), written whole or not at all."""
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(json.dumps(self.choices, indent=1))
-        os.replace(partial, path)
+        scratch = path.with_name(f".{path.name}.{os.getpid()}.partial")  # workers may share the run folder
+        scratch.write_text(json.dumps(self.choices, indent=1))
+        os.replace(scratch, path)
 
     def column_major_pays(self, weight: torch.Tensor) -> bool:
         """Whether `F.linear` from a column-major copy of this row-major float32 weight beats the

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from .architecture import Architecture, ResidualWriter, WriterEdit, stacked_output_dim
 from .bnb_weights import dequantize
+from .offload import execution_device, offload_hook, read_parameter
 
 ADAPTER = "default"
 
@@ -62,7 +63,7 @@ class AdapterSlot:
         if self.stacked:
             weight = getattr(base, self.writer.parameter).detach().float()
             return (weight.transpose(1, 2) if stacked_output_dim(base) == 2 else weight).contiguous()
-        weight = base.weight
+        weight = read_parameter(base, "weight")  # offloaded: from accelerate's map
         if getattr(weight, "quant_state", None) is not None:
             weight = dequantize(weight)
         return weight.detach().float().contiguous().reshape(1, base.out_features, base.in_features)
@@ -147,6 +148,8 @@ def attach_adapter(model: nn.Module, architecture: Architecture, rank: int) -> A
     inner = peft_model.base_model.model  # the original model object, its writers now wrapped
     _wrap_missed(peft_model, inner, linear)
     slots = [AdapterSlot(writer, _lora_module(inner, writer)) for writer in architecture.writers]
+    for slot in slots:
+        _place_on_execution_device(slot.module)
     adapter = Adapter(peft_model, slots)
     adapter.reset()
     return adapter
@@ -173,6 +176,20 @@ def _wrap_missed(peft_model: nn.Module, inner: nn.Module, paths: list[str]) -> N
         config.target_modules = set(config.target_modules or ()) | {path}
         if not isinstance(inner.get_submodule(path), LoraLayer):
             raise RuntimeError(f"PEFT could not wrap {path}")
+
+
+def _place_on_execution_device(module: nn.Module) -> None:
+    """A slot around an offloaded writer: PEFT put its factors on meta, beside the weight; they
+    belong where the writer computes."""
+    base = module.get_base_layer()
+    if offload_hook(base) is None:
+        return
+    device = execution_device(base, torch.device("cpu"))
+    for factors in (module.lora_A[ADAPTER], module.lora_B[ADAPTER]):
+        weight = factors.weight
+        if weight.device != device:
+            zeros = torch.zeros(weight.shape, dtype=weight.dtype, device=device)
+            factors.weight = nn.Parameter(zeros, requires_grad=weight.requires_grad)
 
 
 def _lora_module(model: nn.Module, writer: ResidualWriter) -> nn.Module:

@@ -14,6 +14,7 @@ from ..errors import ApostateError, first_line
 from ..progress import console
 from ..settings import Settings
 from .checkpoint_pages import releasing_checkpoint_pages
+from .offload import first_real_device
 from .sources import ModelSource
 
 # What a dtype that does not work raises: from_pretrained or the test generation refusing it
@@ -35,7 +36,7 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return self.model.get_input_embeddings().weight.device
+        return first_real_device(self.model)
 
 
 def load_tokenizer(source: ModelSource, settings: Settings):
@@ -140,6 +141,7 @@ def _from_pretrained(source: ModelSource, settings: Settings, dtype_name: str):
     kwargs = dict(
         dtype=dtype,
         device_map=settings.device_map,
+        offload_folder=str(settings.offload_folder or settings.cache_path() / "offload" / source.run_name),
         revision=source.revision,
         trust_remote_code=settings.trust_remote_code,
         use_safetensors=True,  # pickled .bin weights can run code when read: never loaded
@@ -226,9 +228,7 @@ def _test_generation(model, tokenizer) -> None:
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Hello"}], add_generation_prompt=True, tokenize=False
     )
-    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(
-        model.get_input_embeddings().weight.device
-    )
+    inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(first_real_device(model))
     with torch.inference_mode():
         logits = model(**inputs).logits[0, -1]
     if not torch.isfinite(logits).all():

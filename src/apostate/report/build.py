@@ -6,15 +6,18 @@ import os
 from html import escape
 from pathlib import Path
 
+import optuna
+
 from ..search.pareto import count_text
 from . import figures
 from .data import RunData, load_run
 from .page import front_table, image, page, samples_html, table
 
 
-def build_report(run_dir: Path) -> Path:
-    """Write `<run_dir>/report/index.html` and its PNGs; return the page's path."""
-    data = load_run(Path(run_dir))
+def build_report(run_dir: Path, study: optuna.Study | None = None) -> Path:
+    """Write `<run_dir>/report/index.html` and its PNGs; return the page's path. `study`: the run's
+    (default: the one the run folder names)."""
+    data = load_run(Path(run_dir), study)
     folder = data.run_dir / "report"
     folder.mkdir(exist_ok=True)
     chosen = data.chosen_trial
@@ -29,7 +32,7 @@ def build_report(run_dir: Path) -> Path:
     title = f"apostate report: {data.model_name}"
     html = page(title, sections, _summary(data, chosen))
     path = folder / "index.html"
-    scratch = path.with_suffix(".html.partial")
+    scratch = path.with_suffix(f".html.{os.getpid()}.partial")  # workers sharing a run folder write apart
     scratch.write_text(html, encoding="utf-8")
     os.replace(scratch, path)
     return path

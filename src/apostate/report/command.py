@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..progress import console
+from ..search.study import load_run_study
 from ..settings import OneLineArgumentParser
 from .build import build_report
 
@@ -14,8 +15,15 @@ def main(argv: list[str]) -> int:
         prog="apostate report",
         description="Rebuild the HTML report (and its PNGs) of a run from its run folder; no model is loaded.",
     )
-    parser.add_argument("run_dir", type=Path, help="the run folder (it holds study.journal)")
+    parser.add_argument("run_dir", type=Path, help="the run folder (it holds study.journal, or storage.json)")
+    parser.add_argument(
+        "--storage",
+        help="the database of a shared study, if not the one storage.json names (the password may come from "
+        "PGPASSWORD or ~/.pgpass instead)",
+    )
+    parser.add_argument("--study-name", help="the shared study's name, if not the one storage.json names")
     args = parser.parse_args(argv)
-    path = build_report(args.run_dir)
+    study = load_run_study(args.run_dir, args.storage, args.study_name) if args.storage or args.study_name else None
+    path = build_report(args.run_dir, study)
     console.print(f"Report written to [bold]{path}[/]")
     return 0

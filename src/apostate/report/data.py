@@ -11,7 +11,7 @@ import optuna
 
 from ..errors import ApostateError
 from ..search.pareto import BaseScores, judged_counts, pareto_trials
-from ..search.study import JOURNAL, completed, load_run_study
+from ..search.study import completed, load_run_study
 
 DEFAULT_PICK_MAX_KL = 0.1  # the setting's default, for a run that has not picked a trial yet
 
@@ -44,11 +44,11 @@ class RunData:
         return self.study.user_attrs.get(f"heldout_{number}")
 
 
-def load_run(run_dir: Path) -> RunData:
+def load_run(run_dir: Path, study: optuna.Study | None = None) -> RunData:
+    """The run in `run_dir`; its study as given, else the one the folder names (its journal, or the
+    database of a shared study in its storage.json)."""
     run_dir = Path(run_dir)
-    if not (run_dir / JOURNAL).is_file():
-        raise ApostateError(f"{run_dir} is not an apostate run folder (it has no {JOURNAL}); give the run's folder")
-    study = load_run_study(run_dir)
+    study = study or load_run_study(run_dir)
     trials = completed(study)
     if not trials:
         raise ApostateError(f"run folder {run_dir} has no finished trial yet; nothing to report")

@@ -119,6 +119,11 @@ def perform(session, trial, action: str) -> None:
     elif action in ("save", "save-adapter"):
         output = _export_folder(session, action)
         summary = _summary(session, trial)
+        from .upload import holds_export
+
+        if settings.storage is not None and holds_export(output, _export_identity(summary)):
+            console.print(f"{output} already holds trial {trial.number}'s export (another worker saved it); kept")
+            return
         if action == "save":
             path = save_merged(
                 session.source,
@@ -158,12 +163,16 @@ def _upload(session, trial) -> None:
     save = "save" if settings.upload.export == "model" else "save-adapter"
     folder = _export_folder(session, save)
     summary = _summary(session, trial)  # what a save would write now (held-out scores included)
-    expected = {"method": summary.method, "trial": summary.trial_number}
-    expected |= {"optuna_parameters": summary.raw_parameters, "scores": summary.scores}
-    if not upload.holds_export(folder, expected):
+    if not upload.holds_export(folder, _export_identity(summary)):
         perform(session, trial, save)
     url = upload.publish(folder, *chosen, token)
     console.print(f"Uploaded {folder} to [bold]{url}[/]")
+
+
+def _export_identity(summary: TrialSummary) -> dict:
+    """What an export folder's apostate.json says when it holds this trial's export as it would be saved now."""
+    expected = {"method": summary.method, "trial": summary.trial_number}
+    return expected | {"optuna_parameters": summary.raw_parameters, "scores": summary.scores}
 
 
 def _summary(session, trial) -> TrialSummary:
@@ -183,7 +192,7 @@ def _summary(session, trial) -> TrialSummary:
         raw_parameters=dict(trial.params),
         parameters=record["parameters"],
         scores=scores,
-        settings=session.settings.model_dump(mode="json", exclude={"config"}),
+        settings=session.settings.model_dump(mode="json", exclude={"config", "storage"}),
         recipe=recipe(session, trial),
     )
 

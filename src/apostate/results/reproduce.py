@@ -35,6 +35,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 NOT_RECIPE = {
     "config", "run_dir", "output_dir", "cache_dir", "trial", "actions", "headless", "show_results",
     "evaluate_model", "debug", "judge", "upload", "pick_max_kl", "n_trials", "n_startup_trials", "seed",
+    "storage", "study_name", "heartbeat_seconds",
 }  # fmt: skip
 
 
@@ -47,7 +48,7 @@ def recipe(session, trial) -> dict:
         "versions": package_versions(),
         "machine": machine(loaded.device, loaded.dtype, loaded.quantized),
         "model": settings.model,
-        "settings": settings.model_dump(mode="json", exclude={"config"}),
+        "settings": settings.model_dump(mode="json", exclude={"config", "storage"}),
         "method": settings.method,
         "trial": trial.number,
         "parameters": dict(trial.params),
@@ -92,14 +93,7 @@ def processor_name() -> str:
 
 
 def prompt_hashes(prompts) -> dict[str, str]:
-    """sha256 of each split's prompts (as JSON text), e.g. {"harmful/direction": ...}."""
-    hashes = {}
-    for side in ("harmless", "harmful"):
-        split = getattr(prompts, side)
-        for subset in ("direction", "evaluation", "heldout"):
-            text = json.dumps(getattr(split, subset), ensure_ascii=False)
-            hashes[f"{side}/{subset}"] = hashlib.sha256(text.encode()).hexdigest()
-    return hashes
+    return prompts.sha256()
 
 
 def tensor_hash(tensor) -> str:
@@ -248,7 +242,7 @@ def rebuild(settings, record: dict, folder: Path, output_dir: Path) -> dict:
             **record,
             "versions": package_versions(),
             "machine": machine(device, editable.loaded.dtype, editable.loaded.quantized),
-            "settings": settings.model_dump(mode="json", exclude={"config"}),
+            "settings": settings.model_dump(mode="json", exclude={"config", "storage"}),
             "prompts_sha256": prompt_hashes(prompts),
             "directions_sha256": tensor_hash(directions),
         }

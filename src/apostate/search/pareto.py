@@ -7,6 +7,7 @@ full responses stand beside them, under "judged"."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def write_pareto(study: optuna.Study, run_dir: Path, base: BaseScores, model_nam
     }
     if judged_counts(study, "base"):
         data["base_judged"] = judged_counts(study, "base")
-    scratch = path.with_suffix(".json.partial")
+    scratch = path.with_suffix(f".json.{os.getpid()}.partial")  # workers sharing a run folder write apart
     scratch.write_text(json.dumps(data, indent=2))
     scratch.replace(path)
     return path

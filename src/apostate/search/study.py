@@ -1,8 +1,9 @@
-"""The Optuna study of a run: local journal storage, the run folder's lock, and resume.
+"""The Optuna study of a run: its storage, the run folder's lock, resume, and the sampler.
 
-The study lives in `<run_dir>/study.journal` (Optuna's JournalStorage), which every
+By default the study lives in `<run_dir>/study.journal` (Optuna's JournalStorage), which every
 finished trial is appended to at once, so Ctrl+C or a kill loses at most the trial in
 flight; running the same command again resumes, and a larger n_trials adds trials.
+With --storage it lives in a database that several workers share (storage.py).
 The trial loop itself is in trials.py.
 """
 
@@ -10,82 +11,142 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 import random
+import socket
 import time
+import warnings
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 from optuna.samplers import TPESampler
 from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from ..errors import ApostateError
 from ..progress import console
+from .storage import JOURNAL, STORAGE_ERRORS, journal_storage, open_database, storage_for_reading, unreachable
 
-STUDY_NAME = "apostate"
-JOURNAL = "study.journal"
+METRIC_NAMES = ["refused share", "KL divergence"]
+STUDY_NAME = "apostate"  # the journal's study (a shared study is named by --study-name)
 SET_TRIAL_STATE = 6  # the journal's op code for a trial's final state (Optuna's JournalOperation, not public)
 
 # ERROR: Optuna logs a trial ended by Ctrl+C as a warning with its traceback; the trial loop says it in one line.
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
 
-def lock_run_dir(run_dir: Path):
-    """Hold an exclusive lock on the run folder for this process's lifetime."""
+def lock_run_dir(run_dir: Path, shared: bool = False):
+    """Lock the run folder for this process's lifetime: alone (a journal run), or `shared` with
+    other workers of the same shared study on this machine."""
     run_dir.mkdir(parents=True, exist_ok=True)
     handle = (run_dir / ".lock").open("w")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         raise ApostateError(f"run folder {run_dir} is in use by another apostate process") from None
     return handle
 
 
-def open_study(
-    run_dir: Path, fingerprint: dict, seed: int | None, n_startup_trials: int, measured: bool = False
-) -> optuna.Study:
-    """Create the study, or reopen it after checking it was made with the same settings.
+@contextmanager
+def lock_actions(run_dir: Path):
+    """While held, no other worker sharing the run folder acts on a chosen trial (exports, say)."""
+    with (run_dir / ".actions.lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
-    A study that holds no trial yet, in a run folder where nothing was `measured` yet (a run
-    that failed before its start-up measurements), takes the new settings: nothing is lost.
+
+def open_study(settings, run_dir: Path, fingerprint: dict, measured: bool = False) -> optuna.Study:
+    """Create the run's study, or reopen it after checking it was made with the same settings.
+
+    Journal (no --storage): a study that holds no trial yet, in a run folder where nothing was
+    `measured` yet (a run that failed before its start-up measurements), takes the new settings:
+    nothing is lost. A shared study (--storage) takes its settings from the worker that measures
+    its start-up (search/shared_startup.py); here a worker whose settings differ is refused early.
     """
-    repair_journal(run_dir / JOURNAL)
-    storage = JournalStorage(JournalFileBackend(str(run_dir / JOURNAL)))
-    study = optuna.create_study(
-        study_name=STUDY_NAME,
-        storage=storage,
-        directions=["minimize", "minimize"],  # refusal rate, KL divergence
-        load_if_exists=True,
-    )
+    url = settings.storage.get_secret_value() if settings.storage else None
+    if url is None:
+        repair_journal(run_dir / JOURNAL)
+        storage, name = journal_storage(run_dir), STUDY_NAME
+    else:
+        storage, name = open_database(url, settings.heartbeat_seconds), settings.study_name
+    try:
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            directions=["minimize", "minimize"],  # refusal rate, KL divergence
+            load_if_exists=True,
+        )
+        if study.metric_names is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.set_metric_names(METRIC_NAMES)  # for optuna-dashboard
+        _check_fingerprint(study, fingerprint, url is None and not study.trials and not measured, run_dir)
+        if "seed" not in study.user_attrs:
+            study.set_user_attr("seed", settings.seed if settings.seed is not None else random.randrange(2**31))
+        if url is None:
+            _fail_abandoned_trials(study)
+        else:
+            optuna.storages.fail_stale_trials(study)  # those of workers that died while none was running
+    except STORAGE_ERRORS as error:
+        raise ApostateError(unreachable(url, error)) from None
+    study.sampler = _sampler(study, settings.n_startup_trials, shared=url is not None)
+    return study
+
+
+def _check_fingerprint(study: optuna.Study, fingerprint: dict, replaceable: bool, run_dir: Path) -> None:
     stored = study.user_attrs.get("fingerprint")
-    if stored is None:
+    if stored == fingerprint:
+        return
+    if stored is None or replaceable:  # replaceable: nothing was measured with the old settings
         study.set_user_attr("fingerprint", fingerprint)
-        study.set_user_attr("seed", seed if seed is not None else random.randrange(2**31))
-    elif stored != fingerprint and not study.trials and not measured:
-        study.set_user_attr("fingerprint", fingerprint)  # nothing was measured with the old settings
-    elif stored != fingerprint:
-        changed = ", ".join(sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k)))
+        return
+    changed = ", ".join(sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k)))
+    if isinstance(study._storage, JournalStorage):
         raise ApostateError(
             f"run folder {run_dir} holds a study made with other settings (changed: {changed}); "
             "use the same settings to resume, or --run-dir for a new run"
         )
-    _fail_abandoned_trials(study)
-    base_seed = study.user_attrs["seed"]
-    # A resumed study gets a fresh stream, so it does not replay the first trials' random draws.
-    study.sampler = TPESampler(
-        multivariate=True,
-        n_startup_trials=n_startup_trials,
-        n_ei_candidates=64,
-        seed=base_seed + len(study.trials),
+    raise ApostateError(
+        f"study {study.study_name} was made with other settings (changed: {changed}); "
+        "give this worker the study's settings, or another --study-name"
     )
-    return study
 
 
-def load_run_study(run_dir: Path) -> optuna.Study:
+def _sampler(study: optuna.Study, n_startup_trials: int, shared: bool) -> TPESampler:
+    """TPE with a fresh stream per process: a resumed study does not replay its first trials'
+    draws, and workers of a shared study draw apart. Workers also count each other's running
+    trials as if they had scored their worst (constant liar), so none proposes what another
+    is trying."""
+    seed = study.user_attrs["seed"] + len(study.trials)
+    if shared:
+        seed += zlib.crc32(worker_name().encode())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constant_liar
+        return TPESampler(
+            multivariate=True,
+            n_startup_trials=n_startup_trials,
+            n_ei_candidates=64,
+            seed=seed % 2**32,
+            constant_liar=shared,
+        )
+
+
+def worker_name() -> str:
+    """This process, as other workers see it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def load_run_study(run_dir: Path, url: str | None = None, study_name: str | None = None) -> optuna.Study:
     """A run folder's study as stored, for reading (no settings check, no sampler)."""
-    storage = JournalStorage(JournalFileBackend(str(run_dir / JOURNAL)))
-    return optuna.load_study(study_name=STUDY_NAME, storage=storage)
+    storage, name = storage_for_reading(run_dir, url, study_name)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        raise ApostateError(f"the storage named by {run_dir} holds no study {name}") from None
+    except STORAGE_ERRORS as error:
+        raise ApostateError(unreachable(str(url or name), error)) from None
 
 
 def repair_journal(journal: Path) -> None:

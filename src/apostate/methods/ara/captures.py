@@ -165,3 +165,17 @@ def capture_for_fitting(
         for side in ("harmless", "harmful")
     }
     return build_captures(adapter, inputs["harmless"], inputs["harmful"], settings.ara.basis_rank)
+
+
+def capture_summary(captures: dict[CaptureKey, ModuleCapture]) -> dict[str, list[float]]:
+    """A few numbers per capture (basis size, output norms, weight norm): enough for another
+    worker to check that its own captures are the same without shipping them."""
+    return {
+        f"{index}:{expert}": [
+            float(capture.basis.shape[0]),
+            capture.harmless_outputs.double().norm().item(),
+            capture.harmful_outputs.double().norm().item(),
+            float(capture.weight_norm),
+        ]
+        for (index, expert), capture in sorted(captures.items())
+    }
