@@ -77,30 +77,37 @@ class WorkerStorage(RDBStorage):
 def open_database(url: str, heartbeat_seconds: int) -> WorkerStorage:
     """The database storage, with heartbeats: a trial whose worker stops beating is failed and
     put back in the queue (RetryHeartbeatStaleTrialCallback), for another worker to run."""
-    connect = database_url(url)
-    for attempt in range(TABLE_RACE_ATTEMPTS):
+    try:
+        return _with_tables(database_url(url), heartbeat_seconds)
+    except ImportError as error:  # Optuna's, around the driver's ModuleNotFoundError
+        raise ApostateError(_no_driver(error)) from None
+    except sqlalchemy.exc.NoSuchModuleError:
+        raise ApostateError(f"--storage {shown(url)}: SQLAlchemy knows no such database kind") from None
+    except STORAGE_ERRORS as error:
+        raise ApostateError(unreachable(url, error)) from None
+
+
+def _with_tables(connect: str, heartbeat_seconds: int) -> WorkerStorage:
+    """Workers starting together on an empty database race to create Optuna's tables; the ones
+    that lose (a duplicate key) open it again once the winner's tables are there."""
+    for attempt in range(TABLE_RACE_ATTEMPTS - 1):
         try:
-            with warnings.catch_warnings():  # heartbeats and their retry callback are "experimental" since 2.8
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return WorkerStorage(
-                    connect,
-                    engine_kwargs={"pool_pre_ping": True},
-                    heartbeat_interval=heartbeat_seconds,
-                    grace_period=GRACE_BEATS * heartbeat_seconds,
-                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
-                )
+            return _worker_storage(connect, heartbeat_seconds)
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
-            # Workers starting together on an empty database: another one is creating Optuna's tables.
-            if attempt == TABLE_RACE_ATTEMPTS - 1:
-                raise
             time.sleep(1 + attempt)
-        except ImportError as error:  # Optuna's, around the driver's ModuleNotFoundError
-            raise ApostateError(_no_driver(error)) from None
-        except sqlalchemy.exc.NoSuchModuleError:
-            raise ApostateError(f"--storage {shown(url)}: SQLAlchemy knows no such database kind") from None
-        except STORAGE_ERRORS as error:
-            raise ApostateError(unreachable(url, error)) from None
-    raise AssertionError("unreachable")
+    return _worker_storage(connect, heartbeat_seconds)
+
+
+def _worker_storage(connect: str, heartbeat_seconds: int) -> WorkerStorage:
+    with warnings.catch_warnings():  # heartbeats and their retry callback are "experimental" since 2.8
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return WorkerStorage(
+            connect,
+            engine_kwargs={"pool_pre_ping": True},
+            heartbeat_interval=heartbeat_seconds,
+            grace_period=GRACE_BEATS * heartbeat_seconds,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRIES),
+        )
 
 
 def _no_driver(error: ImportError) -> str:
