@@ -22,7 +22,6 @@ import io
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict
 from pathlib import Path
 
 import optuna
@@ -31,8 +30,10 @@ from optuna.artifacts import download_artifact, upload_artifact
 
 from ..errors import ApostateError
 from ..progress import console
-from .startup import Startup
+from ..scoring.scorer import kl_divergence
+from .startup import Startup, read_startup, write_startup
 from .startup_lock import StartupLock
+from .storage import GRACE_BEATS
 from .study import worker_name
 from .study_artifacts import StudyArtifactStore
 
@@ -81,7 +82,7 @@ class SharedStartup(LocalStartup):
         self.identity = identity
         self.store = StudyArtifactStore(study._storage, study.study_name)
         self.worker = worker_name()
-        grace = 4 * beat_seconds
+        grace = GRACE_BEATS * beat_seconds
         self.lock = StartupLock(study._storage, study.study_name, self.worker, beat_seconds, grace)
         self.dtype: str | None = None
         self.record: dict | None = None  # the study's, when this worker joined it
@@ -118,8 +119,12 @@ class SharedStartup(LocalStartup):
                 f"the start-up quantities stored in study {self.study.study_name} are damaged (sha256 differs); "
                 "start a new study with another --study-name"
             )
-        stored = torch.load(io.BytesIO(data), weights_only=True)
-        self.startup = Startup(**stored)
+        self.startup = read_startup(io.BytesIO(data), self.identity)
+        if self.startup is None:  # the identity matched: another version of apostate wrote them
+            raise ApostateError(
+                f"the start-up quantities of study {self.study.study_name} were written by another version of "
+                "apostate; give every worker the same version"
+            )
         console.print(f"* Start-up quantities from the study (measured by worker {record['worker']})")
 
     def _check(self, record: dict) -> None:
@@ -137,8 +142,6 @@ class SharedStartup(LocalStartup):
         prompts) against the study's."""
         if self.record is None:
             return
-        from ..scoring.scorer import kl_divergence
-
         kl = kl_divergence(self.startup.base_logprobs, own_logprobs())
         if not kl <= BASE_KL_TOLERANCE:
             raise ApostateError(
@@ -172,7 +175,7 @@ class SharedStartup(LocalStartup):
         if self.record is not None:
             return
         buffer = io.BytesIO()
-        torch.save(asdict(startup), buffer)
+        write_startup(startup, self.identity, buffer)  # read back only by workers of this identity
         data = buffer.getvalue()
         with tempfile.TemporaryDirectory(prefix="apostate-startup-") as scratch:
             path = Path(scratch) / "startup.pt"

@@ -10,6 +10,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from torch import Tensor
@@ -85,18 +86,24 @@ def prepare(
         batch_size, prefix, directions, scorer.base_logprobs, base.refusals, scorer.base_responses(), seconds
     )
     partial = cache.with_name(f".{cache.name}.partial")  # a kill while writing leaves no half cache
-    torch.save({"key": key, "version": CACHE_VERSION, "startup": asdict(startup)}, partial)
+    write_startup(startup, key, partial)
     os.replace(partial, cache)
     return startup
 
 
-def read_startup(cache: Path, key: dict) -> Startup | None:
-    """The start-up measurements kept in the run folder, if they were made for `key`.
+def write_startup(startup: Startup, key: dict, target: Path | BinaryIO) -> None:
+    """The measurements, with the `key` they were made for and the format's version (a file or a buffer)."""
+    torch.save({"key": key, "version": CACHE_VERSION, "startup": asdict(startup)}, target)
 
-    Read as plain data (weights_only: no pickled objects), so a cache written by another
-    version of apostate, or a damaged one, is measured again rather than trusted.
+
+def read_startup(cache: Path | BinaryIO, key: dict) -> Startup | None:
+    """Start-up measurements written by write_startup (the run folder's cache, or a shared
+    study's), if they were made for `key`.
+
+    Read as plain data (weights_only: no pickled objects), so measurements written by another
+    version of apostate, or damaged ones, are not trusted: None.
     """
-    if not cache.is_file():
+    if isinstance(cache, Path) and not cache.is_file():
         return None
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol of a file it then rejects

@@ -18,13 +18,14 @@ from pathlib import Path
 
 import optuna
 import sqlalchemy.exc
-from optuna.storages import BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages.journal import JournalFileBackend
 from sqlalchemy.engine import make_url
 
 from ..errors import ApostateError, first_line
 
 JOURNAL = "study.journal"
+STUDY_NAME = "apostate"  # the journal's study (a shared study is named by --study-name)
 RECORD = "storage.json"
 GRACE_BEATS = 4  # a trial whose worker missed this many heartbeats is failed and run again
 TABLE_RACE_ATTEMPTS = 3
@@ -153,26 +154,26 @@ def read_record(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def storage_for_reading(
-    run_dir: Path, url: str | None = None, study_name: str | None = None
-) -> tuple[BaseStorage, str]:
-    """A run folder's study storage and study name, to read: `url` if given, else the database its
-    storage.json names, else its journal."""
-    from .study import STUDY_NAME
-
+def study_location(run_dir: Path, url: str | None = None, study_name: str | None = None) -> tuple[str | None, str]:
+    """Where a run folder's study is, to read it: (`url` if given, else the database its
+    storage.json names, else None: its journal) and the study's name."""
     record = read_record(run_dir)
     if url is None and record is not None:
         url = record["storage"]
     if url is not None:
-        name = study_name or (record["study_name"] if record else STUDY_NAME)
-        try:
-            return RDBStorage(database_url(url), skip_table_creation=True), name
-        except ImportError as error:  # Optuna's, around the driver's ModuleNotFoundError
-            raise ApostateError(_no_driver(error)) from None
-        except STORAGE_ERRORS as error:
-            raise ApostateError(unreachable(url, error)) from None
+        return url, study_name or (record["study_name"] if record else STUDY_NAME)
     if not (run_dir / JOURNAL).is_file():
         raise ApostateError(
             f"{run_dir} is not an apostate run folder (it has no {JOURNAL} or {RECORD}); give the run's folder"
         )
-    return journal_storage(run_dir), STUDY_NAME
+    return None, STUDY_NAME
+
+
+def open_for_reading(url: str) -> RDBStorage:
+    """A database storage to read a study from (no heartbeats: this process runs no trial)."""
+    try:
+        return RDBStorage(database_url(url), skip_table_creation=True)
+    except ImportError as error:  # Optuna's, around the driver's ModuleNotFoundError
+        raise ApostateError(_no_driver(error)) from None
+    except STORAGE_ERRORS as error:
+        raise ApostateError(unreachable(url, error)) from None

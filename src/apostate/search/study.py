@@ -27,10 +27,18 @@ from optuna.trial import TrialState
 
 from ..errors import ApostateError
 from ..progress import console
-from .storage import JOURNAL, STORAGE_ERRORS, journal_storage, open_database, storage_for_reading, unreachable
+from .storage import (
+    JOURNAL,
+    STORAGE_ERRORS,
+    STUDY_NAME,
+    journal_storage,
+    open_database,
+    open_for_reading,
+    study_location,
+    unreachable,
+)
 
 METRIC_NAMES = ["refused share", "KL divergence"]
-STUDY_NAME = "apostate"  # the journal's study (a shared study is named by --study-name)
 SET_TRIAL_STATE = 6  # the journal's op code for a trial's final state (Optuna's JournalOperation, not public)
 
 # ERROR: Optuna logs a trial ended by Ctrl+C as a warning with its traceback; the trial loop says it in one line.
@@ -140,13 +148,14 @@ def worker_name() -> str:
 
 def load_run_study(run_dir: Path, url: str | None = None, study_name: str | None = None) -> optuna.Study:
     """A run folder's study as stored, for reading (no settings check, no sampler)."""
-    storage, name = storage_for_reading(run_dir, url, study_name)
+    url, name = study_location(run_dir, url, study_name)
+    storage = journal_storage(run_dir) if url is None else open_for_reading(url)
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
         raise ApostateError(f"the storage named by {run_dir} holds no study {name}") from None
-    except STORAGE_ERRORS as error:
-        raise ApostateError(unreachable(str(url or name), error)) from None
+    except STORAGE_ERRORS as error:  # only a database's
+        raise ApostateError(unreachable(url, error)) from None
 
 
 def repair_journal(journal: Path) -> None:
