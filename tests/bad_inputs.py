@@ -4,8 +4,9 @@ A test of a bad input takes the `bad_input` fixture and hands it what apostate d
 `bad_input.error(area, what, code)` for a command that must fail with one clear line (it checks
 the exit code is not 0, that exactly one `apostate: error:` line came out and no traceback;
 `bad_input.printed(area, what, code, output)` for one run in a process of its own),
-`bad_input.raised(area, what, excinfo)` for an `ApostateError` caught in-process, and
-`bad_input.signalled(area, what, code, line)` for a signal. Each records a row: area, input,
+`bad_input.raised(area, what, excinfo)` for an `ApostateError` caught in-process,
+`bad_input.signalled(area, what, code, line)` for a signal, and `bad_input.warned(area, what,
+code, output, needle)` for a run that goes on (exit 0) after one `apostate: warning:` line. Each records a row: area, input,
 exit code, the message (temporary paths as `<tmp>`, local servers' ports as `<port>`), and the test.
 
 At the end of the session the rows recorded are compared with the table: a row that differs,
@@ -23,7 +24,7 @@ import pytest
 
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
 AREAS = (
-    "model source", "settings", "prompt source", "judge", "run folder", "export", "report", "reproduce", "upload",
+    "model source", "settings", "chat template", "prompt source", "start-up", "scoring", "judge", "run folder", "export", "report", "reproduce", "upload",
     "inspect", "workers", "signal", "security",
 )  # fmt: skip
 HEADER = """# Bad input, faults and signals: what apostate does
@@ -31,7 +32,7 @@ HEADER = """# Bad input, faults and signals: what apostate does
 Every row is a test (`tests/`), and this table is what those tests saw: the exit code and the
 one line apostate printed (temporary paths shown as `<tmp>`). A test run fails when a row here
 and its test disagree; `python -m pytest --write-bad-input-table` writes the table anew.
-Exit 2: a problem you can fix; 130: interrupted (Ctrl+C or SIGTERM); -9: killed (SIGKILL, which
+Exit 0: a warning, and the run goes on (what it measures may not be what you meant); 2: a problem you can fix; 130: interrupted (Ctrl+C or SIGTERM); -9: killed (SIGKILL, which
 no program can answer; the row gives what the same command says when run again).
 Add `--debug` to any command to see the traceback behind its error line.
 
@@ -82,6 +83,22 @@ class BadInputRecorder:
         assert isinstance(excinfo.value, ApostateError) and "\n" not in message, message
         self._record(area, what, excinfo.value.exit_code, f"apostate: error: {message}")
         return message
+
+    def warned(self, area: str, what: str, code: int, output: str, needle: str, vary: str | None = None) -> str:
+        """The one `apostate: warning:` line holding `needle` in `output` of a run that went on;
+        `vary`: a pattern for a measured number that rounding may move on another processor."""
+        assert code == 0, output
+        assert "Traceback" not in output and "apostate: error:" not in output, output
+        lines = [line for line in output.splitlines() if line.startswith("apostate: warning:") and needle in line]
+        assert len(lines) == 1, output
+        self._record(area, what, code, re.sub(vary, "<varies>", lines[0]) if vary else lines[0])
+        return lines[0]
+
+    def found(self, area: str, what: str, line: str) -> str:
+        """A line a check printed in-process on a run that goes on (exit 0), e.g. a warning."""
+        assert "\n" not in line and line.startswith(("apostate: warning:", "  Trial")), line
+        self._record(area, what, 0, line)
+        return line
 
     def signalled(self, area: str, what: str, code: int, line: str) -> None:
         assert code != 0 and "Traceback" not in line

@@ -12,6 +12,7 @@ where a user's Ctrl+C or a kill would.
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 
@@ -77,6 +78,10 @@ def install(phase: str, after: int) -> None:
 
 
 if __name__ == "__main__":
+    # Ctrl+C as a user's terminal delivers it. Started from a background job, this process
+    # inherits SIGINT ignored (the shell ignores it there), and the signal tests would wait
+    # for a process that never stops.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     split = sys.argv.index("--")
     phase, *rest = sys.argv[1:split]
     install(phase, int(rest[0]) if rest else 0)

@@ -16,7 +16,8 @@ def test_the_table_has_thirty_rows_in_every_area_each_a_test_that_exists():
         path, name = row.test.split("::")
         function = re.sub(r"\[.*\]$", "", name)
         assert f"def {function}(" in (TABLE.parents[1] / path).read_text(), row.test
-        assert row.message and row.exit != "0", row
+        warned = row.message.startswith(("apostate: warning:", "Trial "))  # a run that goes on, and says why
+        assert row.message and (row.exit != "0" or warned), row
 
 
 def test_every_signal_in_every_phase_is_a_row():

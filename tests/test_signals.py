@@ -28,11 +28,15 @@ def command(model_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     return [str(model_dir), "--run-dir", str(run_dir), *FLAGS, *extra]
 
 
-def start_paused(arguments: list[str], phase: str, after: int = 0) -> tuple[subprocess.Popen, str]:
-    """A real apostate process, once it has paused inside `phase`, and what it printed so far."""
+def start_paused(
+    arguments: list[str], phase: str, after: int = 0, sigint_ignored: bool = False
+) -> tuple[subprocess.Popen, str]:
+    """A real apostate process, once it has paused inside `phase`, and what it printed so far.
+    `sigint_ignored`: started as from a background job, which inherits SIGINT ignored."""
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     process = subprocess.Popen(
         [sys.executable, str(PAUSING), phase, str(after), "--", *arguments],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=ignore,
     )  # fmt: skip
     watchdog = threading.Timer(180, process.kill)  # a process that never pauses fails the test, not the run
     watchdog.start()
@@ -149,6 +153,12 @@ def test_ctrl_c_and_a_kill_during_an_export_keep_the_previous_export(model_dir, 
     assert not list(run_dir.glob(".model.*"))  # the killed export's partial folder is cleaned up
     said = next(line.strip() for line in printed.splitlines() if line.startswith("Saved to"))
     bad_input.signalled("signal", "SIGKILL during export", code, f"(killed, prints nothing); run again: {said}")
+
+
+def test_ctrl_c_reaches_the_process_even_from_a_background_job(model_dir, tmp_path):
+    process, _ = start_paused(command(model_dir, tmp_path / "run"), "load", sigint_ignored=True)
+    code, printed, seconds = signal_and_wait(process, signal.SIGINT)
+    assert code == 130 and seconds < 20 and "Interrupted." in printed, printed
 
 
 def test_sigterm_is_answered_like_ctrl_c(model_dir, tmp_path, bad_input):

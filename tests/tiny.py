@@ -70,6 +70,14 @@ def tiny_model_folder(
     return path
 
 
+# How far two ways of computing the same KL divergence on a tiny model may differ by rounding alone
+# (another summation order: another kernel, memory layout or processor). KL = Σ p (log p − log q)
+# moves by at most the largest change of a log-probability, once on p's side and once on q's. The
+# tiny model's float32 log-probabilities are at most log(259) ≈ 5.6 in size (ulp 4.8e-7), and a
+# reordered sum over its few layers moves them by a few ulps: 2 × 2 ulps ≈ 2e-6, whatever the
+# processor. (Relative tolerances fail here: the KLs are ~1e-5, the same order as the rounding.)
+KL_ROUNDING = 2e-6
+
 # Settings for a fast run on a tiny model: a few prompts, short responses.
 # The tests' runs use directional ablation (fast, no captures) unless they ask for a method;
 # the ARA methods have their own tests.

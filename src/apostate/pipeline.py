@@ -22,7 +22,7 @@ from .model.architecture import Architecture, discover
 from .model.loading import LoadedModel, check_model, load_tokenizer
 from .model.sources import ModelSource, resolve_source
 from .monitor import PhaseMonitor, median_trial_phases
-from .progress import can_ask, console
+from .progress import can_ask, console, warn
 from .prompts import PromptSplits, Texts, load_prompt_splits
 from .report import build_report
 from .results import export, upload
@@ -32,6 +32,7 @@ from .search.judged import judge_front
 from .search.pareto import BaseScores, print_front, write_pareto
 from .search.shared_startup import LocalStartup, SharedStartup, worker_identity
 from .search.startup import CACHE_FILE, Startup, load_for_trials, prepare
+from .search.startup_checks import check_prompts, fit_to_context, model_context
 from .search.storage import JOURNAL, STORAGE_ERRORS, lost, shown, write_record
 from .search.study import completed, finished, load_run_study, lock_actions, lock_run_dir, open_study
 from .search.trials import TrialRunner, run_trials
@@ -205,8 +206,11 @@ def start_session(
         with monitor.phase("load and check the judge"):
             judge = build_judge(settings, run_dir)  # before the model: a judge that cannot work stops the run now
     with monitor.phase("load model"):
-        editable = load_editable(source, settings, run_dir)
+        tokenizer = load_tokenizer(source, settings)
+        check_prompts(tokenizer, settings, prompts)  # a template that cannot work stops the run before the load
+        editable = load_editable(source, settings, run_dir, tokenizer)
     tokenizer, kernels, loaded, architecture, adapter = editable
+    prompts = fit_to_context(tokenizer, settings, prompts, model_context(loaded.model))
     key = {
         "fingerprint": settings.measurement_fingerprint(source.name),
         "dtype": str(loaded.dtype),
@@ -219,6 +223,8 @@ def start_session(
             startup = share.startup or prepare(
                 adapter.model, tokenizer, device, kernels, settings, prompts, run_dir, key
             )
+            for message in share.startup.warnings if share.startup else ():  # the measuring worker's findings
+                warn(message)
             share.publish(startup)  # if measured here: the other workers go on
         kernels.timer.write(run_dir / KERNELS_FILE)  # a resumed run computes its trials the same way
         texts = Texts(tokenizer, settings, prompts, startup.response_prefix)
@@ -245,10 +251,11 @@ class Editable(NamedTuple):
     adapter: Adapter
 
 
-def load_editable(source: ModelSource, settings: Settings, run_dir: Path) -> Editable:
-    """Tokenizer and model (with the run's CPU kernel choices), its residual writers, and the adapter."""
+def load_editable(source: ModelSource, settings: Settings, run_dir: Path, tokenizer=None) -> Editable:
+    """Tokenizer (unless given) and model (with the run's CPU kernel choices), its residual
+    writers, and the adapter."""
     console.print(f"Loading model [bold]{source.name}[/]...")
-    tokenizer = load_tokenizer(source, settings)
+    tokenizer = tokenizer or load_tokenizer(source, settings)
     kernels = CpuKernels(read_kernel_choices(run_dir / KERNELS_FILE))
     loaded = load_for_trials(source, settings, tokenizer, kernels)
     architecture = discover(loaded.model)

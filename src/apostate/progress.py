@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -22,6 +23,11 @@ from rich.progress import (
 
 # Not a terminal (a log file, a pipe): lines are not wrapped at 80 columns, so each message stays one line.
 console = Console(stderr=True, highlight=False, soft_wrap=not sys.stderr.isatty())
+
+
+def warn(message: str) -> None:
+    """One warning line: the run goes on, and what it measures may not be what the user meant."""
+    console.print(f"[yellow]apostate: warning:[/] {escape(message)}", soft_wrap=True)
 
 
 def can_ask(headless: bool) -> bool:

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ApostateError, first_line
+from .model.chat_template import render
 
 if TYPE_CHECKING:
-    from .settings import PromptSetSpec, Settings
+    from .prompt_settings import PromptSetSpec
+    from .settings import Settings
 
 PROMPT_COLUMNS = ("prompt", "text", "instruction", "question", "goal")
 CATEGORY_COLUMN = "category"  # .jsonl, .csv and datasets may tag each prompt (harm categories)
@@ -104,9 +106,11 @@ def load_prompt_rows(spec: PromptSetSpec) -> list[Row]:
     deduplicated (the first category of a repeated prompt stands), in source order."""
     source = spec.source
     if source.startswith("bundled:"):
+        _refuse_dataset_options(spec, "a bundled set")
         rows = _read_bundled(source.removeprefix("bundled:"))
-    elif Path(source).suffix.lower() in LOCAL_SUFFIXES or Path(source).exists():
-        rows = _read_local(Path(source), spec.column)
+    elif is_local_source(source):
+        _refuse_dataset_options(spec, "a local file")
+        rows = _read_local(Path(source).expanduser(), spec.column)
     else:
         rows = _read_dataset(spec)
     unique: dict[str, str | None] = {}
@@ -115,7 +119,39 @@ def load_prompt_rows(spec: PromptSetSpec) -> list[Row]:
             unique.setdefault(prompt.strip(), category.strip() if category and category.strip() else None)
     if not unique:
         raise ApostateError(f"prompt source '{source}' holds no prompts")
+    if all(_is_number(prompt) for prompt in unique):
+        raise ApostateError(
+            f"prompt source '{source}' holds numbers, not prompts (first: {next(iter(unique))}); "
+            "set column to the one holding the prompts' text"
+        )
     return [(spec.prefix + prompt + spec.suffix, category) for prompt, category in unique.items()]
+
+
+def is_local_source(source: str) -> bool:
+    """The rule for a prompt source that is not `bundled:`: a local file if it ends in .txt,
+    .jsonl or .csv, starts with /, ./, ../ or ~, names more than one folder level, or exists;
+    otherwise a Hugging Face dataset id ('name' or 'owner/name')."""
+    path = Path(source)
+    looks_like_path = source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or "\\" in source
+    return path.suffix.lower() in LOCAL_SUFFIXES or looks_like_path or path.exists()
+
+
+def _refuse_dataset_options(spec: PromptSetSpec, what: str) -> None:
+    """split and revision choose from a hub dataset; for a file they would be ignored without a word."""
+    given = [name for name in ("split", "revision") if getattr(spec, name) is not None]
+    if given:
+        raise ApostateError(
+            f"prompt source '{spec.source}' is {what}, which has no {given[0]} (only Hugging Face datasets do); "
+            f"remove {given[0]} from its settings"
+        )
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def split_prompts(
@@ -187,6 +223,17 @@ def _read_local(path: Path, column: str | None) -> list[Row]:
         except csv.Error as error:
             raise ApostateError(f"{path}: not valid CSV ({error}); save it as CSV with a header line") from None
         return _column_values(rows, column, str(path))
+    if column is not None:
+        raise ApostateError(
+            f"prompt file {path} is plain text (one prompt a line), which has no column '{column}'; "
+            "remove column, or give a .jsonl or .csv file"
+        )
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and all(_is_json_object(line) for line in lines):
+        raise ApostateError(
+            f"prompt file {path} holds a JSON object on every line, which a .txt file would take as the prompts' "
+            "text; name it .jsonl"
+        )
     return [(line, None) for line in text.splitlines()]
 
 
@@ -235,7 +282,22 @@ def _jsonl_rows(text: str, column: str | None, path: Path) -> list[Row]:
             raise ApostateError(
                 f"{path}:{number}: no key '{name}' (it has: {', '.join(row) or 'none'}); every line needs '{name}'"
             )
-    return [(str(row[name] or ""), _category(row)) for _, row in rows]
+    for number, row in rows:
+        if row[name] is not None and not isinstance(row[name], str):
+            raise ApostateError(
+                f"{path}:{number}: '{name}' is a JSON {_json_kind(row[name])}, not text; every prompt must be a "
+                "JSON string (set column to the key holding the prompts' text)"
+            )
+    return [(row[name] or "", _category(row)) for _, row in rows]
+
+
+def _is_json_object(line: str) -> bool:
+    if not line.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except json.JSONDecodeError:
+        return False
 
 
 def _json_kind(value) -> str:
@@ -286,18 +348,4 @@ def _read_dataset(spec: PromptSetSpec) -> list[Row]:
 
 def chat_texts(tokenizer, prompts: list[str], system_prompt: str | None, response_prefix: str = "") -> list[str]:
     """Prompts rendered with the chat template, ready for generation (special tokens included)."""
-    return [_render(tokenizer, prompt, system_prompt) + response_prefix for prompt in prompts]
-
-
-def _render(tokenizer, prompt: str, system_prompt: str | None) -> str:
-    messages = [{"role": "user", "content": prompt}]
-    if system_prompt is not None:
-        messages.insert(0, {"role": "system", "content": system_prompt})
-    try:
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    except Exception:
-        if system_prompt is None:
-            raise
-        # Some templates (Gemma's, for one) reject a system role: fold it into the user turn.
-        merged = [{"role": "user", "content": f"{system_prompt}\n\n{prompt}"}]
-        return tokenizer.apply_chat_template(merged, add_generation_prompt=True, tokenize=False)
+    return [render(tokenizer, prompt, system_prompt) + response_prefix for prompt in prompts]

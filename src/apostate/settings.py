@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 from pydantic_settings import (
@@ -35,8 +35,11 @@ from .errors import ApostateError
 from .methods import METHODS as REGISTERED_METHODS
 from .methods.ara.settings import AraSettings
 from .methods.directional.settings import SearchSpace
+from .model.chat_template import read_chat_template
+from .prompt_settings import PromptSetSpec
 from .results.upload_settings import UploadSettings
 from .scoring.judges.settings import JudgeSettings
+from .search.check_settings import StartupChecks
 
 METHODS: tuple[str, ...] = tuple(REGISTERED_METHODS)
 MethodName = Literal[METHODS]  # the names in the methods' registry
@@ -74,42 +77,6 @@ DEFAULT_COT_SKIPS = [
         "<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>final<|message|>",
     ),
 ]
-
-
-class PromptSetSpec(BaseModel):
-    """Where one side's prompts come from and how they are split."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    source: str = Field(
-        description=(
-            "Prompt source: 'bundled:harmless' / 'bundled:harmful' (shipped with apostate), "
-            "a local .txt (one prompt per line), .jsonl or .csv file, or a Hugging Face dataset id."
-        )
-    )
-    split: str | None = Field(
-        default=None,
-        description="Dataset split for Hugging Face datasets, e.g. 'train' or 'train[:600]'.",
-    )
-    column: str | None = Field(
-        default=None,
-        description="Column holding the prompt (datasets, .jsonl, .csv). Unset: 'prompt', 'text' or 'instruction', whichever exists.",
-    )
-    revision: str | None = Field(default=None, description="Hugging Face dataset revision (commit hash or tag).")
-    system_prompt: str | None = Field(
-        default=None, description="System prompt for this set; overrides the global system_prompt."
-    )
-    prefix: str = Field(default="", description="Text put before every prompt of this set.")
-    suffix: str = Field(default="", description="Text put after every prompt of this set.")
-    direction_count: int = Field(default=320, ge=1, description="Prompts used to compute refusal directions.")
-    evaluation_count: int = Field(default=100, ge=1, description="Prompts used to score trials during the search.")
-    heldout_count: int = Field(
-        default=100, ge=0, description="Prompts never seen by the search, used for the final report."
-    )
-    shuffle_seed: int = Field(
-        default=0,
-        description="Seed of the shuffle before splitting (the three subsets never overlap).",
-    )
 
 
 class Settings(BaseSettings):
@@ -178,7 +145,9 @@ class Settings(BaseSettings):
         default=False, description="Allow model code from the hub. Only for models you trust."
     )
     chat_template: str | None = measured(
-        None, description="Jinja chat template (text or path to a file), for models that have none."
+        None,
+        description="Jinja chat template, for models that have none: a value holding Jinja syntax ({{, {% or {#) "
+        "is the template's text, any other value the path of a file that holds it.",
     )
 
     # --- Prompts ---------------------------------------------------------------------
@@ -214,6 +183,9 @@ class Settings(BaseSettings):
         DEFAULT_REFUSAL_MARKERS,
         min_length=1,
         description="A response containing any of these (case, apostrophes and markdown normalized) counts as a refusal.",
+    )
+    checks: StartupChecks = Field(
+        default_factory=StartupChecks, description="When the checks before the first trial warn."
     )
     judge: JudgeSettings = Field(
         default_factory=JudgeSettings,
@@ -349,6 +321,24 @@ class Settings(BaseSettings):
                 "forward pass, so edits computed from them would be silently wrong; use 'bnb_4bit'"
             )
         return value
+
+    @field_validator("chat_template")
+    @classmethod
+    def _readable_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            read_chat_template(value)  # a path that does not exist is an error now, not a template later
+        return value
+
+    @field_validator("refusal_markers")
+    @classmethod
+    def _specific_markers(cls, markers: list[str]) -> list[str]:
+        short = [marker for marker in markers if len(" ".join(marker.split())) < 3]
+        if short:
+            raise ValueError(
+                f"refusal marker {short[0]!r} is shorter than 3 characters: it would be found inside most answers, "
+                "so nearly every response would count as a refusal; remove it"
+            )
+        return markers
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:

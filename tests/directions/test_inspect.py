@@ -149,7 +149,7 @@ def test_prompt_residuals_average_to_the_runs_means():
     texts = ["hi", "a longer prompt here", "mid size", "x", "another one!"]
     each = prompt_residuals(model, tokenizer, texts, 2, "cpu", 0.9, "residuals")
     assert each.shape == (5, 3, 64) and each.dtype == torch.float32
-    means = residual_means(model, tokenizer, texts, 2, "cpu", 0.9, "residuals")
+    means = residual_means(model, tokenizer, texts, 2, "cpu", 0.9, "residuals").mean
     torch.testing.assert_close(each.mean(0), means, atol=1e-5, rtol=1e-5)
     alone = prompt_residuals(model, tokenizer, texts[1:2], 1, "cpu", 0.9, "residuals")
     torch.testing.assert_close(each[1], alone[0], atol=1e-5, rtol=1e-4)  # in the order of texts

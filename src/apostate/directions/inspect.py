@@ -143,7 +143,7 @@ def collect_residuals(
             console.print(f"* Response prefix of the run: [bold]{prefix!r}[/]")
         else:
             args = (loaded.device, kernels, settings, prompts, batch_size)
-            prefix = measure_response_prefix(loaded.model, tokenizer, *args)
+            prefix, _ = measure_response_prefix(loaded.model, tokenizer, *args)
         texts = Texts(tokenizer, settings, prompts, prefix)
         return {
             side: prompt_residuals(

@@ -25,6 +25,17 @@ def refusal_directions(harmless_mean: Tensor, harmful_mean: Tensor, orthogonaliz
     return F.normalize(difference, dim=-1)
 
 
+def direction_agreement(harmless_halves: tuple[Tensor, Tensor], harmful_halves: tuple[Tensor, Tensor]) -> Tensor:
+    """(positions,) cos(d₀, d₁), where dₕ = harmful_meanₕ − harmless_meanₕ over half h of the prompts.
+
+    A split-half reliability of the refusal direction: the two halves share the prompts' true
+    difference and not their noise, so near 1 the direction is measured, near 0 it is noise
+    (0 where a half's difference is zero)."""
+    first = harmful_halves[0] - harmless_halves[0]
+    second = harmful_halves[1] - harmless_halves[1]
+    return F.cosine_similarity(first, second, dim=-1, eps=1e-30)
+
+
 def winsorize(residuals: Tensor, quantile: float) -> Tensor:
     """Clamp each vector's components to the `quantile` of its own absolute values (1.0: unchanged).
 

@@ -3,12 +3,22 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from ..decoding.batching import batches
 from ..progress import track
 from .refusal import winsorize
+
+
+class ResidualMeans(NamedTuple):
+    """The mean over all prompts, and over each half of them (even- and odd-numbered prompts),
+    which tells how much of a difference of means is noise (refusal.direction_agreement)."""
+
+    mean: Tensor  # (layers + 1, hidden)
+    halves: tuple[Tensor, Tensor]
 
 
 @torch.inference_mode()
@@ -21,20 +31,27 @@ def residual_means(
     winsorization_quantile: float,
     label: str,
     keep_on="cpu",
-) -> Tensor:
-    """(layers + 1, hidden) float32 mean of the hidden states at the last prompt token.
+) -> ResidualMeans:
+    """(layers + 1, hidden) float32 means of the hidden states at the last prompt token.
 
-    Accumulates a running sum batch by batch, so memory stays at one batch of hidden
-    states however many prompts there are.
+    Accumulates running sums batch by batch (all prompts, and the even-numbered ones), so
+    memory stays at one batch of hidden states however many prompts there are.
     """
     total: Tensor | None = None
+    even: Tensor | None = None
     with track(label, total=len(texts)) as advance:
         for indices, inputs in batches(tokenizer, texts, batch_size, device):
             states = _last_token_states(model, inputs, winsorization_quantile, keep_on)
             batch_sum = states.sum(dim=0)
             total = batch_sum if total is None else total + batch_sum
+            even_rows = [row for row, index in enumerate(indices) if index % 2 == 0]
+            even_sum = states[even_rows].sum(dim=0)
+            even = even_sum if even is None else even + even_sum
             advance(len(indices))
-    return (total / len(texts)).cpu()
+    count_even = (len(texts) + 1) // 2
+    count_odd = max(len(texts) - count_even, 1)
+    halves = ((even / count_even).cpu(), ((total - even) / count_odd).cpu())
+    return ResidualMeans((total / len(texts)).cpu(), halves)
 
 
 @torch.inference_mode()

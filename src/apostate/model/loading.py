@@ -13,6 +13,7 @@ from safetensors import SafetensorError, safe_open
 from ..errors import ApostateError, first_line
 from ..progress import console
 from ..settings import Settings
+from .chat_template import read_chat_template
 from .checkpoint_pages import releasing_checkpoint_pages
 from .offload import first_real_device
 from .sources import ModelSource
@@ -49,9 +50,7 @@ def load_tokenizer(source: ModelSource, settings: Settings):
     except Exception as error:
         raise ApostateError(f"cannot load the tokenizer of '{source.name}': {_reason(error)}; {_fix(source)}") from None
     if settings.chat_template is not None:
-        template_path = Path(settings.chat_template)
-        is_file = len(settings.chat_template) < 4096 and template_path.is_file()
-        tokenizer.chat_template = template_path.read_text() if is_file else settings.chat_template
+        tokenizer.chat_template = read_chat_template(settings.chat_template)
     if not getattr(tokenizer, "chat_template", None):
         raise ApostateError(
             f"model '{source.name}' has no chat template; give one with --chat-template (text or a .jinja file)"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import optuna
 
-from ..search.pareto import count_text
+from ..search.pareto import count_text, kl_text
 from . import figures
 from .data import RunData, load_run
 from .page import front_table, image, page, samples_html, table
@@ -49,7 +49,7 @@ def _summary(data: RunData, chosen) -> str:
         attrs = chosen.user_attrs
         lines.append(
             f"<p>Chosen: <b>trial {chosen.number}</b>, refusals {attrs['refusals']}/{attrs['total']}, "
-            f"broken {attrs.get('broken', 0)}, KL {attrs['kl']:.4f} (evaluation prompts).</p>"
+            f"broken {attrs.get('broken', 0)}, KL {kl_text(attrs['kl'])} (evaluation prompts).</p>"
         )
     else:
         lines.append('<p class="note">No trial was chosen yet (the run has not acted on one).</p>')
@@ -77,7 +77,7 @@ def _scores_section(data: RunData, folder: Path) -> str:
     table_rows = [
         ["evaluation", "base model", f"{data.base.refusals}/{data.base.total}", "-", _text(base_judged), "0"],
         ["evaluation", f"trial {chosen.number}", f"{attrs['refusals']}/{attrs['total']}", str(attrs.get("broken", 0)),
-         _text(judged), f"{attrs['kl']:.4f}"],
+         _text(judged), kl_text(attrs['kl'])],
     ]  # fmt: skip
     if heldout:
         total = heldout["total"]
@@ -88,7 +88,7 @@ def _scores_section(data: RunData, folder: Path) -> str:
         table_rows += [
             ["held-out", "base model", f"{heldout['base_refusals']}/{total}", "-", _text(heldout.get("base_judged")), "0"],
             ["held-out", f"trial {chosen.number}", f"{heldout['refusals']}/{total}", str(heldout["broken"]),
-             _text(heldout.get("judged")), f"{heldout['kl']:.4f}"],
+             _text(heldout.get("judged")), kl_text(heldout['kl'])],
         ]  # fmt: skip
     png = figures.plot_scores(rows, folder / "scores.png")
     headers = ["Prompts", "Model", "Refusals (markers)", "Broken", "Judged", "KL divergence"]

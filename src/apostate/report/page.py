@@ -8,7 +8,7 @@ from html import escape
 from pathlib import Path
 
 from .. import __version__
-from ..search.pareto import count_text, parameter_summary
+from ..search.pareto import count_text, kl_text, parameter_summary
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -60,7 +60,7 @@ def front_table(data) -> str:
         row = [str(trial.number), f"{attrs['refusals']}/{attrs['total']}", str(attrs.get("broken", 0))]
         if has_judged:
             row.append(count_text(judged) if judged else "-")
-        row += [f"{attrs['kl']:.4f}", parameter_summary(attrs["parameters"])]
+        row += [kl_text(attrs["kl"]), parameter_summary(attrs["parameters"])]
         rows.append(row)
         if chosen is not None and trial.number == chosen.number:
             marked = index

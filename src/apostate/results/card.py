@@ -111,7 +111,7 @@ def score_rows(scores: dict) -> str:
         )
         lines.append(
             f"| {label} | {s['refusals']}/{s['total']} | {s.get('broken', 0)} |{judged_cell if judges else ''} "
-            f"{s['kl']:.4f} |"
+            f"{max(s['kl'], 0.0):.4f} |"
         )
         if "base_refusals" in s:  # the unedited model on the same prompts
             base = s.get("base_judged")

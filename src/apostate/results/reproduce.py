@@ -223,6 +223,7 @@ def rebuild(settings, record: dict, folder: Path, output_dir: Path) -> dict:
     from ..pipeline import build_method, load_editable
     from ..prompts import Texts, load_prompt_splits
     from ..search.startup import measure_directions
+    from ..search.startup_checks import fit_to_context, model_context
     from .export import TrialSummary, save_adapter, save_merged
 
     source = resolve_source(settings.model, settings.model_revision, settings.cache_path())
@@ -233,8 +234,9 @@ def rebuild(settings, record: dict, folder: Path, output_dir: Path) -> dict:
         editable = load_editable(source, settings, Path(run_dir))
     try:
         model, device = editable.adapter.model, editable.loaded.device
+        prompts = fit_to_context(editable.tokenizer, settings, prompts, model_context(model))  # as the run did
         texts = Texts(editable.tokenizer, settings, prompts, settings.response_prefix or "")
-        directions = measure_directions(model, editable.tokenizer, device, settings, texts, settings.batch_size)
+        directions, _ = measure_directions(model, editable.tokenizer, device, settings, texts, settings.batch_size)
         method = build_method(editable, settings, directions, texts, settings.batch_size, monitor)
         parameters = method.suggest(optuna.trial.FixedTrial(record["parameters"]))
         method.apply(parameters)

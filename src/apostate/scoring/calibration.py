@@ -50,19 +50,17 @@ def _timed(model, tokenizer, texts, new_tokens, device, kernels) -> float:
     return time.perf_counter() - start
 
 
-def detect_response_prefix(
-    model,
-    tokenizer,
-    texts: list[str],
-    batch_size: int,
-    device,
-    cot_skips: list[tuple[str, str]],
-    kernels: CpuKernels | None = None,
-) -> str:
+def sample_responses(
+    model, tokenizer, texts: list[str], batch_size: int, device, kernels: CpuKernels | None = None
+) -> list[str]:
+    """Short greedy responses (PREFIX_TOKENS) to a few texts: what the prefix is detected from."""
+    return PromptSet(tokenizer, texts, batch_size, device, kernels).greedy_responses(model, PREFIX_TOKENS)
+
+
+def common_response_prefix(responses: list[str], cot_skips: list[tuple[str, str]]) -> str:
     """Text all sampled responses start with: a chain-of-thought opening becomes its closed
     empty block (so scoring sees the answer, not the thinking); other shared text is kept
     up to its last whitespace, so a word is never cut in half."""
-    responses = PromptSet(tokenizer, texts, batch_size, device, kernels).greedy_responses(model, PREFIX_TOKENS)
     common = os.path.commonprefix(responses)
     for opening, closed in cot_skips:
         if common.lstrip().startswith(opening):

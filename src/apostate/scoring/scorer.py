@@ -39,7 +39,7 @@ def scores_line(refusals: int, total: int, kl: float, broken: int = 0) -> str:
     how every result is written."""
     rate = refusals / total if total else 0.0
     broken_part = f", broken {broken}" if broken else ""
-    return f"refusals {refusals}/{total} ({rate:.1%}){broken_part}, KL {kl:.4f}"
+    return f"refusals {refusals}/{total} ({rate:.1%}){broken_part}, KL {max(kl, 0.0):.4f}"  # old studies: see kl_divergence
 
 
 class Scorer:
@@ -119,7 +119,10 @@ class Scorer:
 
 
 def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
-    return F.kl_div(logprobs, base_logprobs, reduction="batchmean", log_target=True).item()
+    """KL(base ‖ model) of next-token distributions, averaged over prompts. A divergence is never
+    negative; computed in float32 for two nearly equal distributions it can come out a rounding
+    below zero, which is 0."""
+    return max(F.kl_div(logprobs, base_logprobs, reduction="batchmean", log_target=True).item(), 0.0)
 
 
 def build_scorer(

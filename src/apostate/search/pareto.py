@@ -112,8 +112,14 @@ def print_front(study: optuna.Study, base: BaseScores) -> None:
         row = [str(trial.number), f"{attrs['refusals']}/{attrs['total']}", str(attrs.get("broken", 0))]
         if any(judged.values()):
             row.append(count_text(judged[trial.number]) if judged[trial.number] else "-")
-        table.add_row(*row, f"{attrs['kl']:.4f}", parameter_summary(attrs["parameters"]))
+        table.add_row(*row, kl_text(attrs["kl"]), parameter_summary(attrs["parameters"]))
     console.print(table)
+
+
+def kl_text(kl: float) -> str:
+    """A KL divergence as shown: never negative (a study written before kl_divergence clamped
+    its rounding may hold -1e-9)."""
+    return f"{max(kl, 0.0):.4f}"
 
 
 def count_text(counts: dict) -> str:

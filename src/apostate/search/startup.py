@@ -8,7 +8,7 @@ import pickle
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -16,15 +16,17 @@ import torch
 from torch import Tensor
 
 from ..decoding import CpuKernels
-from ..directions.refusal import refusal_directions
+from ..directions.refusal import direction_agreement, refusal_directions
 from ..directions.residuals import residual_means
 from ..model.loading import LoadedModel, load_model
 from ..model.sources import ModelSource
-from ..progress import console
+from ..progress import console, warn
 from ..prompts import PromptSplits, Texts
 from ..scoring import build_scorer
-from ..scoring.calibration import PREFIX_SAMPLE, detect_response_prefix, find_batch_size
+from ..scoring.calibration import PREFIX_SAMPLE, common_response_prefix, find_batch_size, sample_responses
+from ..scoring.judges.markers import MarkerJudge
 from ..settings import Settings
+from .startup_checks import base_findings, direction_findings, prefix_findings
 
 CACHE_FILE = "startup.pt"
 CACHE_VERSION = 3  # raised whenever Startup changes, so older caches are measured again
@@ -39,6 +41,7 @@ class Startup:
     base_refusals: int  # on the harmful evaluation prompts
     base_responses: list[list[int]]  # the base model's responses to them (token ids): the first trial's drafts
     seconds: dict[str, float]
+    warnings: list[str] = field(default_factory=list)  # what the checks on these measurements found
 
 
 def load_for_trials(source: ModelSource, settings: Settings, tokenizer, kernels: CpuKernels) -> LoadedModel:
@@ -68,23 +71,33 @@ def prepare(
     stored = read_startup(cache, key)
     if stored is not None:
         console.print("Reusing start-up measurements from the run folder.")
+        for message in stored.warnings:
+            warn(message)
         return stored
     seconds: dict[str, float] = {}
     with _timed(seconds, "batch_size"):
         batch_size = _batch_size(model, tokenizer, device, kernels, settings, prompts)
     with _timed(seconds, "prefix"):
-        prefix = measure_response_prefix(model, tokenizer, device, kernels, settings, prompts, batch_size)
+        prefix, sample = measure_response_prefix(model, tokenizer, device, kernels, settings, prompts, batch_size)
     texts = Texts(tokenizer, settings, prompts, prefix)
     with _timed(seconds, "residuals"):
-        directions = measure_directions(model, tokenizer, device, settings, texts, batch_size)
+        directions, agreement = measure_directions(model, tokenizer, device, settings, texts, batch_size)
     with _timed(seconds, "base_scores"):
         console.print("Scoring the base model...")
         scorer = build_scorer(tokenizer, device, kernels, settings, batch_size, texts)
         base = scorer.record_base(model)
         console.print(f"* Base model refuses [bold]{base.refusals}/{base.total}[/] harmful evaluation prompts")
+    harmless_refused = sum(map(MarkerJudge(settings.refusal_markers).refuses, sample.harmless_answers(prefix)))
+    findings = [
+        *base_findings(base.refusals, base.total, harmless_refused, len(sample.harmless), settings.checks),
+        *direction_findings(agreement, settings.checks.min_direction_agreement),
+    ]
+    for message in findings:
+        warn(message)
     startup = Startup(
-        batch_size, prefix, directions, scorer.base_logprobs, base.refusals, scorer.base_responses(), seconds
-    )
+        batch_size, prefix, directions, scorer.base_logprobs, base.refusals, scorer.base_responses(), seconds,
+        sample.warnings + findings,
+    )  # fmt: skip
     partial = cache.with_name(f".{cache.name}.partial")  # a kill while writing leaves no half cache
     write_startup(startup, key, partial)
     os.replace(partial, cache)
@@ -134,21 +147,43 @@ def _batch_size(model, tokenizer, device, kernels, settings: Settings, prompts: 
     return batch_size
 
 
+@dataclass
+class ResponseSample:
+    """The base model's short responses to a few harmless and harmful evaluation prompts (with
+    the prefix the user set, if any), and what the checks on the prefix found."""
+
+    harmless: list[str]
+    harmful: list[str]
+    warnings: list[str]
+
+    def harmless_answers(self, prefix: str) -> list[str]:
+        """The harmless responses after the detected prefix (which scoring skips)."""
+        return [response.removeprefix(prefix) for response in self.harmless]
+
+
 def measure_response_prefix(
     model, tokenizer, device, kernels, settings: Settings, prompts: PromptSplits, batch_size: int
-):
-    prefix = settings.response_prefix
-    if prefix is None:
-        plain = Texts(tokenizer, settings, prompts, "")
-        sample = plain.of("harmless", "evaluation")[:PREFIX_SAMPLE] + plain.of("harmful", "evaluation")[:PREFIX_SAMPLE]
-        args = (batch_size, device, settings.chain_of_thought_skips, kernels)
-        prefix = detect_response_prefix(model, tokenizer, sample, *args)
+) -> tuple[str, ResponseSample]:
+    """The prefix every response starts with (the setting, else detected from a sample), and the sample."""
+    given = settings.response_prefix
+    plain = Texts(tokenizer, settings, prompts, given or "")
+    harmless = plain.of("harmless", "evaluation")[:PREFIX_SAMPLE]
+    harmful = plain.of("harmful", "evaluation")[:PREFIX_SAMPLE]
+    responses = sample_responses(model, tokenizer, harmless + harmful, batch_size, device, kernels)
+    prefix = given if given is not None else common_response_prefix(responses, settings.chain_of_thought_skips)
+    thinking = prefix in {closed for _, closed in settings.chain_of_thought_skips}
+    warnings = prefix_findings(prefix, given is None, thinking, responses, tokenizer)
+    for message in warnings:
+        warn(message)
     console.print(f"* Response prefix: [bold]{prefix!r}[/]" if prefix else "* No common response prefix")
-    return prefix
+    return prefix, ResponseSample(responses[: len(harmless)], responses[len(harmless) :], warnings)
 
 
-def measure_directions(model, tokenizer, device, settings: Settings, texts: Texts, batch_size: int) -> Tensor:
-    """Refusal directions from the direction prompts (the run's residual means; see directions/)."""
+def measure_directions(
+    model, tokenizer, device, settings: Settings, texts: Texts, batch_size: int
+) -> tuple[Tensor, list[float]]:
+    """Refusal directions from the direction prompts (the run's residual means; see directions/),
+    and per decoder layer how well the two halves of the prompts agree on them."""
     console.print("Computing refusal directions...")
     keep_on = "cpu" if settings.activations_on == "cpu" else device
     quantile = settings.winsorization_quantile
@@ -158,4 +193,10 @@ def measure_directions(model, tokenizer, device, settings: Settings, texts: Text
         )
         for side in ("harmless", "harmful")
     }
-    return refusal_directions(means["harmless"], means["harmful"], settings.orthogonalize_direction)
+    directions = refusal_directions(means["harmless"].mean, means["harmful"].mean, settings.orthogonalize_direction)
+    agreement = direction_agreement(means["harmless"].halves, means["harmful"].halves)[1:]  # 0: the embeddings
+    best = int(agreement.argmax())
+    console.print(
+        f"* Refusal direction: two halves of the prompts agree at cosine {agreement[best]:.2f} (layer {best})"
+    )
+    return directions, agreement.tolist()

@@ -9,6 +9,7 @@ The trial loop itself is in trials.py.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -48,13 +49,36 @@ optuna.logging.set_verbosity(optuna.logging.ERROR)
 def lock_run_dir(run_dir: Path, shared: bool = False):
     """Lock the run folder for this process's lifetime: alone (a journal run), or `shared` with
     other workers of the same shared study on this machine."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handle = (run_dir / ".lock").open("w")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handle = (run_dir / ".lock").open("w")
+    except OSError as error:
+        raise ApostateError(run_dir_problem(run_dir, error)) from error
     try:
         fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         raise ApostateError(f"run folder {run_dir} is in use by another apostate process") from None
     return handle
+
+
+def run_dir_problem(run_dir: Path, error: OSError) -> str:
+    """Why the run folder cannot be made or written, in one line with what to do."""
+    blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists() and not p.is_dir()), None)
+    if blocker == run_dir:
+        return f"run folder {run_dir} is a file; give a folder path with --run-dir"
+    if blocker is not None:
+        return f"cannot create run folder {run_dir}: {blocker} is a file, not a folder; choose another --run-dir"
+    reasons = {
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EROFS: "the file system there is read-only",
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is used up",
+    }
+    reason = reasons.get(error.errno)
+    if reason is None:  # /proc, /sys and other file systems that hold no ordinary folders say ENOENT or EINVAL
+        reason = f"the file system there does not take new folders ({error.strerror or error})"
+    return f"cannot create run folder {run_dir}: {reason}; choose a writable --run-dir"
 
 
 @contextmanager
