@@ -3,12 +3,13 @@ and choices that cannot work refused before the model loads."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
+from filesystems import mounted_tmpfs
 from tiny import SMALL
 
 from apostate import pipeline
@@ -135,21 +136,6 @@ def test_a_journal_damaged_in_the_middle_is_one_line_and_left_alone(model_dir, t
     assert journal.read_bytes() == damaged  # nothing was appended to it, nothing cut off
 
 
-def read_only_folder(tmp_path):
-    """A real read-only file system (a tmpfs mounted ro; root on Linux only)."""
-    import shutil
-
-    folder = tmp_path / "read-only"
-    folder.mkdir()
-    mount = shutil.which("mount")
-    if mount is None:
-        pytest.skip("needs mount(8)")
-    done = subprocess.run([mount, "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(folder)], capture_output=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip() or done.returncode}")
-    return folder
-
-
 @pytest.mark.parametrize(
     ("where", "what", "expected"),
     [
@@ -164,22 +150,23 @@ def read_only_folder(tmp_path):
 def test_a_run_folder_that_cannot_be_created_is_one_line(model_dir, tmp_path, bad_input, where, what, expected):
     a_file = tmp_path / "a-file"
     a_file.write_text("not a folder")
-    if where == "read-only":
-        run_dir = read_only_folder(tmp_path) / "run"
-    elif where == "no-permission":  # sysfs refuses new folders to everyone, root too (who writes anywhere else)
-        run_dir = Path("/sys/apostate-run")
-        if _mkdir_errno(run_dir) not in (errno.EACCES, errno.EPERM):
-            pytest.skip("/sys here does not refuse a new folder for want of permission")
-    else:
-        run_dir = {"proc": Path("/proc/apostate-run"), "file": a_file, "under-file": a_file / "run"}[where]
-    try:
+    with contextlib.ExitStack() as mounted:
+        if where == "read-only":
+            run_dir = mounted.enter_context(mounted_tmpfs(tmp_path / "read-only", "size=1m,ro")) / "run"
+        else:
+            run_dir = _run_dir(where, a_file)
         code = main([str(model_dir), "--run-dir", str(run_dir), *SMALL])
         line = bad_input.error("run folder", what, code)
-    finally:
-        if where == "read-only":
-            subprocess.run(["umount", str(run_dir.parent)], check=True)
     assert f"{run_dir}" in line and expected in line
     assert a_file.read_text() == "not a folder"
+
+
+def _run_dir(where: str, a_file: Path) -> Path:
+    if where == "no-permission":  # sysfs refuses new folders to everyone, root too (who writes anywhere else)
+        if _mkdir_errno(Path("/sys/apostate-run")) not in (errno.EACCES, errno.EPERM):
+            pytest.skip("/sys here does not refuse a new folder for want of permission")
+        return Path("/sys/apostate-run")
+    return {"proc": Path("/proc/apostate-run"), "file": a_file, "under-file": a_file / "run"}[where]
 
 
 def _mkdir_errno(path: Path) -> int | None:

@@ -15,7 +15,7 @@ class PromptSetSpec(BaseModel):
         description=(
             "Prompt source: 'bundled:harmless' / 'bundled:harmful' (shipped with apostate), "
             "a local .txt (one prompt per line), .jsonl or .csv file (any value ending so, starting with "
-            "/, ./, ../ or ~, or that exists), or else a Hugging Face dataset id ('name' or 'owner/name')."
+            "., / or ~, naming more than one folder level, or that exists), or else a Hugging Face dataset id ('name' or 'owner/name')."
         )
     )
     split: str | None = Field(

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from .errors import ApostateError, first_line
 from .model.chat_template import render
+from .model.sources import looks_like_path
 
 if TYPE_CHECKING:
     from .prompt_settings import PromptSetSpec
@@ -129,11 +130,10 @@ def load_prompt_rows(spec: PromptSetSpec) -> list[Row]:
 
 def is_local_source(source: str) -> bool:
     """The rule for a prompt source that is not `bundled:`: a local file if it ends in .txt,
-    .jsonl or .csv, starts with /, ./, ../ or ~, names more than one folder level, or exists;
-    otherwise a Hugging Face dataset id ('name' or 'owner/name')."""
+    .jsonl or .csv, exists, or looks like a path as a model argument does (starts with ., / or
+    ~, or names more than one folder level); otherwise a Hugging Face dataset id ('name' or 'owner/name')."""
     path = Path(source)
-    looks_like_path = source.startswith(("/", "./", "../", "~")) or source.count("/") > 1 or "\\" in source
-    return path.suffix.lower() in LOCAL_SUFFIXES or looks_like_path or path.exists()
+    return path.suffix.lower() in LOCAL_SUFFIXES or looks_like_path(source) or path.exists()
 
 
 def _refuse_dataset_options(spec: PromptSetSpec, what: str) -> None:

@@ -4,14 +4,12 @@ intact and leave nothing half-written; a bad output path is refused before any w
 from __future__ import annotations
 
 import errno
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from exports import hashes
+from filesystems import mounted_tmpfs
 from test_export import SUMMARY, random_edits, state_dict_of
 from tiny import tiny_model_folder, tiny_tokenizer
 from transformers import AutoModelForCausalLM
@@ -205,19 +203,9 @@ def test_an_output_path_that_is_a_file_is_refused_before_any_work(tiny, tmp_path
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 2 MB tmpfs (root on Linux only): room for one tiny export and a little more."""
-    mount = shutil.which("mount")
-    if not sys.platform.startswith("linux") or mount is None:
-        pytest.skip("needs Linux and mount(8) to make a small filesystem")
-    disk = tmp_path / "small"
-    disk.mkdir()
-    done = subprocess.run([mount, "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
-    try:
+    """A 2 MB tmpfs: room for one tiny export and a little more."""
+    with mounted_tmpfs(tmp_path / "small", "size=2m") as disk:
         yield disk
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
 
 
 def fill(disk: Path) -> None:

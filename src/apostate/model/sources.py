@@ -56,14 +56,14 @@ def resolve_source(model: str, revision: str | None, cache_dir: Path) -> ModelSo
         if not (path / "config.json").is_file():
             raise ApostateError(f"folder {model} is not a model folder (it has no config.json)")
         return ModelSource(model, str(path))
-    if _looks_like_path(model):
+    if looks_like_path(model):
         raise ApostateError(f"model folder {model} does not exist")
     return ModelSource(model, model, revision)
 
 
-def _looks_like_path(model: str) -> bool:
-    """Hub ids are 'name' or 'org/name'; anything else that is not on disk is a mistyped path."""
-    return model.startswith((".", "/", "~")) or model.count("/") > 1 or os.sep != "/" and os.sep in model
+def looks_like_path(name: str) -> bool:
+    """Hub ids (of models and datasets) are 'name' or 'org/name'; anything else is a path, on disk or mistyped."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
 
 
 def converted_gguf(gguf_path: Path, cache_dir: Path) -> Path:

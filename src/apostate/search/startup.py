@@ -149,11 +149,10 @@ def _batch_size(model, tokenizer, device, kernels, settings: Settings, prompts: 
 
 @dataclass
 class ResponseSample:
-    """The base model's short responses to a few harmless and harmful evaluation prompts (with
-    the prefix the user set, if any), and what the checks on the prefix found."""
+    """The base model's short responses to a few harmless evaluation prompts (with the prefix
+    the user set, if any), and what the checks on the prefix found."""
 
     harmless: list[str]
-    harmful: list[str]
     warnings: list[str]
 
     def harmless_answers(self, prefix: str) -> list[str]:
@@ -176,7 +175,7 @@ def measure_response_prefix(
     for message in warnings:
         warn(message)
     console.print(f"* Response prefix: [bold]{prefix!r}[/]" if prefix else "* No common response prefix")
-    return prefix, ResponseSample(responses[: len(harmless)], responses[len(harmless) :], warnings)
+    return prefix, ResponseSample(responses[: len(harmless)], warnings)
 
 
 def measure_directions(
