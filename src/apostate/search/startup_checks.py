@@ -94,7 +94,8 @@ def fit_to_context(tokenizer, settings: Settings, prompts: PromptSplits, context
         split: PromptSplit = getattr(prompts, side)
         subsets, dropped = {}, []
         for subset in SUBSETS:
-            lengths = [len(ids) for ids in tokenizer(texts.of(side, subset), add_special_tokens=False)["input_ids"]]
+            chats = texts.of(side, subset)
+            lengths = [len(ids) for ids in tokenizer(chats, add_special_tokens=False)["input_ids"]] if chats else []
             pairs = list(zip(getattr(split, subset), lengths, strict=True))
             subsets[subset] = [prompt for prompt, length in pairs if length <= room]
             dropped += [length for _, length in pairs if length > room]
