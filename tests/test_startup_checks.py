@@ -72,22 +72,9 @@ def test_every_prompt_of_a_subset_too_long_for_the_context_is_an_error(short_con
 
 
 def test_a_run_without_heldout_prompts_fits_its_prompts_to_the_context(short_context_model, tmp_path):
-    counts = ["--harmless.heldout-count", "0", "--harmful.heldout-count", "0"]  # empty subsets: nothing to measure
-    assert (
-        main(
-            [
-                str(short_context_model),
-                "--run-dir",
-                str(tmp_path / "run"),
-                *SMALL,
-                *counts,
-                "--n-trials",
-                "2",
-                "--headless",
-            ]
-        )
-        == 0
-    )
+    empty = ["--harmless.heldout-count", "0", "--harmful.heldout-count", "0"]  # subsets with nothing to measure
+    flags = [*SMALL, *empty, "--n-trials", "2", "--headless"]
+    assert main([str(short_context_model), "--run-dir", str(tmp_path / "run"), *flags]) == 0
 
 
 def test_harmless_prompts_the_base_model_refuses_are_a_warning(model_dir, tmp_path, bad_input, capsys, monkeypatch):
