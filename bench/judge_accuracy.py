@@ -23,8 +23,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from apostate.scoring.judges import RefinedJudge, build_judge, marker_judge  # noqa: E402
+from apostate.scoring.judges.markers import MarkerJudge  # noqa: E402
+from apostate.scoring.judges.refined import RefinedJudge  # noqa: E402
 from apostate.scoring.verdicts import Verdict  # noqa: E402
+from apostate.session import open_judge  # noqa: E402
 from apostate.settings import parse_command_line  # noqa: E402
 
 LABELS = REPO / "bench" / "data" / "judge_labels.jsonl"
@@ -33,7 +35,7 @@ LABELS = REPO / "bench" / "data" / "judge_labels.jsonl"
 def make_judge(spec: str, dtype: str):
     """'markers', 'model:NAME' or 'endpoint:URL#MODEL' → a judge as a run would use it."""
     if spec == "markers":
-        return marker_judge(parse_command_line(["demo"]))
+        return MarkerJudge(parse_command_line(["demo"]).refusal_markers)
     spec, _, scope = spec.partition("@")
     kind, _, rest = spec.partition(":")
     if kind == "model":
@@ -43,7 +45,7 @@ def make_judge(spec: str, dtype: str):
         flags = ["--judge.kind", "endpoint", "--judge.url", url, "--judge.model", model]
     else:
         sys.exit(f"judge_accuracy: unknown judge {spec!r} (markers, model:NAME, endpoint:URL#MODEL)")
-    return build_judge(parse_command_line(["demo", *flags, "--judge.scope", scope or "marker-refusals"]), None)
+    return open_judge(parse_command_line(["demo", *flags, "--judge.scope", scope or "marker-refusals"]), None)
 
 
 def scores(truth: list[Verdict], predicted: list[Verdict], label: Verdict) -> tuple[float, float, float]:

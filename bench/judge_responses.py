@@ -28,8 +28,8 @@ sys.path.insert(0, str(REPO / "src"))
 from apostate.decoding import PromptSet  # noqa: E402
 from apostate.model.sources import resolve_source  # noqa: E402
 from apostate.monitor import PhaseMonitor  # noqa: E402
-from apostate.pipeline import start_session  # noqa: E402
 from apostate.search.pareto import pareto_trials  # noqa: E402
+from apostate.session import start_session  # noqa: E402
 from apostate.settings import parse_command_line  # noqa: E402
 
 SCALES = (2.0, 3.5)
@@ -79,7 +79,7 @@ def main() -> None:
                 session.method.apply(session.method.suggest(optuna.trial.FixedTrial(params)))
             for side, prompts in sides.items():
                 texts = session.texts.of(side, "heldout")[: len(prompts)]
-                prompt_set = PromptSet(tokenizer, texts, session.startup.batch_size, device, session.kernels)
+                prompt_set = PromptSet(tokenizer, texts, session.startup.batch_size, device, session.opened.kernels)
                 responses = prompt_set.greedy_responses(session.model, args.tokens)
                 for prompt, response in zip(prompts, responses, strict=True):
                     row = {"model": name, "side": side, "prompt": prompt, "response": response}

@@ -27,8 +27,8 @@ def main(argv: list[str]) -> None:
     from apostate.decoding.generation import generate_plain
     from apostate.model.sources import resolve_source
     from apostate.monitor import PhaseMonitor
-    from apostate.pipeline import run_dir_for, start_session
     from apostate.scoring.scorer import kl_divergence
+    from apostate.session import run_dir_for, start_session
     from apostate.settings import parse_command_line
 
     full = "--full" in argv

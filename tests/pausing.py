@@ -38,7 +38,7 @@ def install(phase: str, after: int) -> None:
 
         pause_before(loading, "_from_pretrained", phase)
     elif phase == "start-up":
-        from apostate.search import startup
+        from apostate.startup import measure as startup
 
         pause_before(startup, "measure_directions", phase)
     elif phase == "trial":

@@ -252,9 +252,9 @@ def test_model_without_residual_writers_it_knows(tmp_path, bad_input):
 
 
 def test_inverted_parameter_range(tmp_path, bad_input, model_dir):
-    code = main([str(model_dir), "--run-dir", str(tmp_path / "run"), "--search.max-weight", "[2, 1]"])
-    line = bad_input.error("settings", "an inverted range (search.max_weight = [2, 1])", code)
-    assert "search.max_weight" in line
+    code = main([str(model_dir), "--run-dir", str(tmp_path / "run"), "--directional.search.max-weight", "[2, 1]"])
+    line = bad_input.error("settings", "an inverted range (directional.search.max_weight = [2, 1])", code)
+    assert "directional.search.max_weight" in line
 
 
 def test_mistyped_flag(tmp_path, bad_input, model_dir):

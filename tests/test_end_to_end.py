@@ -1,7 +1,6 @@
 """Headless runs on a tiny random model: trials, resume after interruption, export, reload."""
 
 import json
-from types import SimpleNamespace
 
 import optuna
 import pytest
@@ -11,10 +10,14 @@ from tiny import KL_ROUNDING, SMALL
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apostate.cli import main
-from apostate.search.study import completed, open_study
+from apostate.search.home import RunFolderHome
+from apostate.search.study import completed
 from apostate.search.trials import TrialRunner
 
-JOURNAL_RUN = SimpleNamespace(storage=None, seed=1, n_startup_trials=1)  # the settings open_study reads
+
+def open_study(run_dir, fingerprint: dict, measured: bool = False) -> optuna.Study:
+    """The run folder's study, as a run opens it (seed 1, one random trial before TPE)."""
+    return RunFolderHome(run_dir).open(fingerprint, measured, seed=1, n_startup_trials=1)
 
 
 def load_study(run_dir):
@@ -116,20 +119,20 @@ def test_adapter_export(model_dir, tmp_path):
 
 
 def test_abandoned_running_trial_is_failed_on_reopen(tmp_path):
-    study = open_study(JOURNAL_RUN, tmp_path, {"a": 1})
+    study = open_study(tmp_path, {"a": 1})
     study.ask()  # as if the process was killed mid-trial
-    reopened = open_study(JOURNAL_RUN, tmp_path, {"a": 1})
+    reopened = open_study(tmp_path, {"a": 1})
     assert [t.state for t in reopened.trials] == [optuna.trial.TrialState.FAIL]
 
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     from apostate.errors import ApostateError
 
-    open_study(JOURNAL_RUN, tmp_path, {"row_normalization": "full"})
+    open_study(tmp_path, {"row_normalization": "full"})
     with pytest.raises(ApostateError, match="changed: row_normalization"):
-        open_study(JOURNAL_RUN, tmp_path, {"row_normalization": "none"}, measured=True)
+        open_study(tmp_path, {"row_normalization": "none"}, measured=True)
     # Nothing measured and no trial yet: the new settings are taken.
-    study = open_study(JOURNAL_RUN, tmp_path, {"row_normalization": "none"})
+    study = open_study(tmp_path, {"row_normalization": "none"})
     assert study.user_attrs["fingerprint"] == {"row_normalization": "none"}
 
 
@@ -178,7 +181,7 @@ class _FakeScorer:
 
 @pytest.mark.parametrize(("broken", "kl"), [(True, 0.01), (False, 7.5)])
 def test_broken_or_far_off_trials_are_infeasible_pruned_and_never_on_the_front(tmp_path, broken, kl):
-    study = open_study(JOURNAL_RUN, tmp_path, {"a": 1})
+    study = open_study(tmp_path, {"a": 1})
     good = TrialRunner(_FakeMethod(False), _FakeScorer(0.05), None, kl_cutoff=2.0)
     bad_scorer = _FakeScorer(kl)
     bad = TrialRunner(_FakeMethod(broken), bad_scorer, None, kl_cutoff=2.0)
@@ -198,10 +201,10 @@ def test_broken_or_far_off_trials_are_infeasible_pruned_and_never_on_the_front(t
 def test_trials_draft_from_the_base_models_responses_in_a_fresh_and_a_resumed_run(model_dir, tmp_path):
     """The base model's responses, measured at start-up (or read back from the run folder),
     are in the trial scorer's pool before the first trial, and they are its greedy responses."""
+    from apostate.commands.run import start_session
     from apostate.decoding.generation import generate_plain
     from apostate.model.sources import resolve_source
     from apostate.monitor import PhaseMonitor
-    from apostate.pipeline import start_session
     from apostate.settings import parse_command_line
 
     settings = parse_command_line([str(model_dir), "--run-dir", str(tmp_path / "run"), *SMALL])
@@ -220,7 +223,7 @@ def test_trials_draft_from_the_base_models_responses_in_a_fresh_and_a_resumed_ru
 
 def test_routed_linear_layers_are_restored_when_the_run_fails(model_dir, tmp_path, monkeypatch):
     """Kernel choices swap `forward` on Linear layers for the run; every way out of the run undoes it."""
-    from apostate import pipeline
+    from apostate.commands import run as pipeline
     from apostate.decoding.kernel_timing import ROW_RANGES, KernelTimer
 
     monkeypatch.setattr(KernelTimer, "onednn_pays", lambda self, weight: (True,) * len(ROW_RANGES))
@@ -244,7 +247,7 @@ def test_routed_linear_layers_are_restored_when_the_run_fails(model_dir, tmp_pat
 
 
 def test_a_bug_is_one_line_without_debug_and_a_traceback_with_it(model_dir, tmp_path, monkeypatch, capsys):
-    from apostate import pipeline
+    from apostate.commands import run as pipeline
 
     def bug(*args, **kwargs):
         raise KeyError("a bug in the trial loop")
@@ -263,7 +266,7 @@ def test_a_bug_is_one_line_without_debug_and_a_traceback_with_it(model_dir, tmp_
 def test_startup_cache_is_plain_data_and_an_old_or_damaged_one_is_measured_again(tmp_path):
     import dataclasses
 
-    from apostate.search.startup import CACHE_VERSION, Startup, read_startup
+    from apostate.startup.measure import CACHE_VERSION, Startup, read_startup
 
     startup = Startup(4, "", torch.zeros(3, 8), torch.zeros(2, 5), 1, [[1, 2], []], {"residuals": 1.5})
     cache, key = tmp_path / "startup.pt", {"fingerprint": {"a": 1}, "dtype": "torch.float32", "batch_size": 0}

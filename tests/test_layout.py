@@ -1,5 +1,6 @@
-"""The package's shape: no import cycle, small files and functions, and a README layout table
-that names every module where it lives."""
+"""The package's shape: no import cycle, small files and functions, a layout table (the "## Layout"
+section of docs/development.md) that names every module where it lives, and a README that stays a
+short front door whose docs/ links all exist."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "apostate"
-README = PACKAGE.parents[1] / "README.md"
+ROOT = PACKAGE.parents[1]
+README = ROOT / "README.md"
+LAYOUT_DOC = ROOT / "docs" / "development.md"
+MAX_README_LINES = 200
 MAX_FILE_LINES = 400
 MAX_FUNCTION_LINES = 60
 
@@ -22,42 +26,53 @@ def modules() -> dict[str, Path]:
     return {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
 
 
-def _type_checking_only(node: ast.If) -> bool:
-    return isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+# The layers, top first: a module may import only its own layer or those below it.
+COMMANDS = ("apostate.cli", "apostate.__main__", "apostate.commands")
+ORCHESTRATOR = ("apostate.session",)
 
 
-def module_level_imports(name: str, path: Path, known: set[str]) -> set[str]:
-    """Modules imported when `name` is imported (not in functions, not under TYPE_CHECKING)."""
+def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
+    """Every apostate module `name` imports anywhere: at module level, inside functions, under
+    TYPE_CHECKING, and by `import_module("apostate...")` with a literal name."""
     tree = ast.parse(path.read_text())
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    nodes = list(tree.body)
-    while nodes:
-        node = nodes.pop()
-        if isinstance(node, ast.If) and not _type_checking_only(node):
-            nodes += node.body + node.orelse
-        elif isinstance(node, ast.Try):
-            nodes += node.body + node.orelse + node.finalbody
-        elif isinstance(node, ast.ImportFrom):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
             base = package
             for _ in range(node.level - 1):
                 base = base.rpartition(".")[0]
             target = (f"{base}.{node.module}" if node.module else base) if node.level else (node.module or "")
-            candidates = [target] + [f"{target}.{alias.name}" for alias in node.names]
-            found |= {c for c in candidates if c in known}
+            hits = {c for c in [target] + [f"{target}.{alias.name}" for alias in node.names] if c in known}
+            found |= hits or ({target} & known)
         elif isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name in known}
+        elif (
+            isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None)) == "import_module"
+        ):
+            literal = node.args[0] if node.args else None
+            if isinstance(literal, ast.Constant) and isinstance(literal.value, str) and literal.value in known:
+                found.add(literal.value)
     return found
 
 
-def test_no_import_cycle():
+def import_graph() -> dict[str, set[str]]:
     found = modules()
     known = set(found)
     graph = {}
     for name, path in found.items():
         ancestors = {name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)}
         # Importing a package's module while the package initializes is no cycle: it is in sys.modules.
-        graph[name] = module_level_imports(name, path, known) - ancestors - {name}
+        graph[name] = imports_of(name, path, known) - ancestors - {name}
+    return graph
+
+
+def _within(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == prefix or name.startswith(prefix + ".") for prefix in prefixes)
+
+
+def test_no_import_cycle():
+    graph = import_graph()
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -78,20 +93,72 @@ def test_no_import_cycle():
             visit(node)
 
 
-def test_the_cycle_check_finds_a_cycle(tmp_path, monkeypatch):
-    """The check above can fail: two modules that import each other are reported."""
+def test_no_stage_imports_a_command_or_the_orchestrator():
+    upward = []
+    for name, targets in import_graph().items():
+        if _within(name, COMMANDS):
+            continue
+        for target in sorted(targets):
+            if _within(target, COMMANDS) or (_within(target, ORCHESTRATOR) and not _within(name, ORCHESTRATOR)):
+                upward.append(f"{name} -> {target}")
+    assert not upward, upward
+
+
+def test_settings_import_only_leaf_settings_modules():
+    """settings.py imports pydantic, config_sources, errors and settings modules that import
+    nothing else of apostate; no method, scorer or result imports the settings."""
+    graph = import_graph()
+    leaves = graph["apostate.settings"] - {"apostate.config_sources", "apostate.errors"}
+    for leaf in leaves:
+        assert graph[leaf] <= {"apostate.errors", "apostate.methods.ranges", "apostate.methods"}, leaf
+    for name, targets in graph.items():
+        if _within(name, ("apostate.methods", "apostate.scoring", "apostate.results")):
+            assert "apostate.settings" not in targets, name
+
+
+def _scratch_package(tmp_path, monkeypatch, files: dict[str, str]) -> None:
     package = tmp_path / "apostate"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "a.py").write_text("from .b import x\n")
-    (package / "b.py").write_text("from .a import y\n")
+    for relative, text in {"__init__.py": "", **files}.items():
+        (package / relative).parent.mkdir(parents=True, exist_ok=True)
+        (package / relative).write_text(text)
     monkeypatch.setattr(__import__(__name__), "PACKAGE", package)
+
+
+def test_the_cycle_check_finds_a_cycle_hidden_in_a_function(tmp_path, monkeypatch):
+    """The checks above can fail: two modules that import each other, one of them only inside a
+    function or under TYPE_CHECKING, are reported."""
+    hidden = "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import y\n"
+    _scratch_package(tmp_path, monkeypatch, {"a.py": "def f():\n    from .b import x\n", "b.py": hidden})
     try:
         test_no_import_cycle()
     except AssertionError as error:
         assert "apostate.a -> apostate.b -> apostate.a" in str(error)
     else:
         raise AssertionError("a cycle was not found")
+
+
+def test_the_layer_check_finds_a_stage_importing_a_command(tmp_path, monkeypatch):
+    files = {"commands/__init__.py": "", "commands/run.py": "", "session.py": "", "search/__init__.py": ""}
+    files["search/trials.py"] = (
+        "def f():\n    from apostate.commands.run import x\n    from apostate.session import y\n"
+    )
+    _scratch_package(tmp_path, monkeypatch, files)
+    try:
+        test_no_stage_imports_a_command_or_the_orchestrator()
+    except AssertionError as error:
+        assert "apostate.search.trials -> apostate.commands.run" in str(error)
+        assert "apostate.search.trials -> apostate.session" in str(error)
+    else:
+        raise AssertionError("an upward import was not found")
+
+
+def test_importing_the_settings_loads_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, apostate.settings; print('torch' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
 
 
 def test_files_and_functions_stay_small():
@@ -109,8 +176,8 @@ def test_files_and_functions_stay_small():
 
 
 def layout_table() -> dict[str, set[str]]:
-    """README's layout table: folder (or '' for the top level) -> the module files its row names."""
-    text = README.read_text()
+    """The layout table of docs/development.md: folder (or '' for the top level) -> the module files its row names."""
+    text = LAYOUT_DOC.read_text()
     section = text[text.index("## Layout") :]
     section = section[: section.index("\n## ", 4)] if "\n## " in section[4:] else section
     rows: dict[str, set[str]] = {}
@@ -124,7 +191,7 @@ def layout_table() -> dict[str, set[str]]:
     return rows
 
 
-def test_readme_layout_table_names_every_module_in_its_folder():
+def test_layout_table_names_every_module_in_its_folder():
     table = layout_table()
     on_disk: dict[str, set[str]] = {}
     for path in PACKAGE.rglob("*.py"):
@@ -133,4 +200,15 @@ def test_readme_layout_table_names_every_module_in_its_folder():
         on_disk.setdefault(folder, set()).add("/".join(relative.parts[1:]) if folder else relative.name)
     assert set(table) == set(on_disk), "one row per folder"
     for folder, files in on_disk.items():
-        assert table[folder] == files, f"README layout row for '{folder or 'apostate'}'"
+        assert table[folder] == files, f"docs/development.md layout row for '{folder or 'apostate'}'"
+
+
+def test_readme_is_a_front_door():
+    """README.md stays short; the rest lives in docs/, and every docs/ page it links exists."""
+    text = README.read_text()
+    lines = len(text.splitlines())
+    assert lines <= MAX_README_LINES, f"README.md has {lines} lines (at most {MAX_README_LINES}); move detail to docs/"
+    links = set(re.findall(r"\(\s*(docs/[^)\s#]+\.md)", text))
+    assert links, "README.md links no docs/ page"
+    missing = sorted(link for link in links if not (ROOT / link).is_file())
+    assert not missing, f"README.md links docs/ pages that do not exist: {missing}"

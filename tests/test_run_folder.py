@@ -12,8 +12,8 @@ import pytest
 from filesystems import mounted_tmpfs
 from tiny import SMALL
 
-from apostate import pipeline
 from apostate.cli import main
+from apostate.commands import run as pipeline
 from apostate.errors import ApostateError
 from apostate.search.study import JOURNAL, repair_journal
 from apostate.settings import parse_command_line

@@ -12,9 +12,9 @@ import pytest
 from tiny import SMALL, tiny_model_folder
 
 from apostate.cli import main
+from apostate.commands.run import run_dir_for
 from apostate.model.loading import check_model
 from apostate.model.sources import ModelSource
-from apostate.pipeline import run_dir_for
 from apostate.settings import parse_command_line
 
 CUSTOM_CODE = """

@@ -88,8 +88,14 @@ def test_more_startup_trials_than_trials_is_an_error_not_a_clamp(tmp_path, capsy
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--search.direction-index", "[0.5, 1.2]"], "search.direction_index: upper bound 1.2 is above 1.0"),
-        (["--search.min-weight-distance", "[-0.1, 0.5]"], "search.min_weight_distance: lower bound -0.1 is below"),
+        (
+            ["--directional.search.direction-index", "[0.5, 1.2]"],
+            "directional.search.direction_index: upper bound 1.2 is above 1.0",
+        ),
+        (
+            ["--directional.search.min-weight-distance", "[-0.1, 0.5]"],
+            "directional.search.min_weight_distance: lower bound -0.1 is below",
+        ),
         (["--ara.layer-start", "[0.2, 1.5]"], "ara.layer_start: upper bound 1.5 is above 1.0"),
         (["--ara.layer-span", "[-0.2, 0.5]"], "ara.layer_span: lower bound -0.2 is below 0.0"),
         (["--ara.neighbours", "[0, 4]"], "ara.neighbours: lower bound 0 is below 1"),
@@ -104,8 +110,8 @@ def test_ranges_that_cannot_hold_are_errors(flags, message):
     "flags",
     [
         ["--n-trials", "0"],
-        ["--row-normalization", "half"],
-        ["--search.max-weight", "[2, 1]"],
+        ["--directional.row-normalization", "half"],
+        ["--directional.search.max-weight", "[2, 1]"],
         ["--winsorization-quantile", "1.5"],
     ],
 )

@@ -1,11 +1,19 @@
 """Which settings change what a trial measures is declared on the fields; the resume fingerprint follows it."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from apostate.config_file import render_default_config
+from apostate.errors import ApostateError
+from apostate.search.home import RunFolderHome
 from apostate.settings import METHODS, Settings, measured, measured_for
+
+# Each method's default fingerprint on demo as run folders made before [directional] hold it
+# (written by commit 477144a): directional's knobs at the top level, in every method's.
+PINNED = json.loads((Path(__file__).parent / "data" / "fingerprints-477144a.json").read_text())
+DIRECTIONAL_KNOBS = ("row_normalization", "full_normalization_rank", "search")
 
 
 def settings(**values) -> Settings:
@@ -29,13 +37,16 @@ def old_fingerprint_of(settings, model_name: str) -> dict:
         "chat_template",
         "kl_cutoff",
     ]
-    data = {key: getattr(settings, key) for key in keys}
+    directional = settings.directional
+    data = {key: getattr(directional if key in DIRECTIONAL_KNOBS else settings, key) for key in keys}
     data["model"] = model_name
     data["harmless"] = settings.harmless.model_dump()
     data["harmful"] = settings.harmful.model_dump()
-    data["search"] = settings.search.model_dump()
+    data["search"] = directional.search.model_dump()
     if settings.method != "directional":
         data["ara"] = settings.ara.model_dump()
+        for key in DIRECTIONAL_KNOBS:  # since [directional]: only directional runs measure them
+            del data[key]
     return json.loads(json.dumps(data, default=str))
 
 
@@ -62,6 +73,38 @@ VARIANTS = [
 ]
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_a_default_fingerprint_is_the_one_old_run_folders_hold(method):
+    """Pinned: directional's is unchanged; ARA's lost directional's knobs, which it never read."""
+    pinned = PINNED[method]
+    new = settings(method=method).measurement_fingerprint("demo")
+    if method == "directional":
+        assert new == pinned
+    else:
+        assert new == {key: value for key, value in pinned.items() if key not in DIRECTIONAL_KNOBS}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_study_made_before_directional_had_a_table_resumes(tmp_path, method):
+    """A run folder whose study holds the old fingerprint opens with today's settings; a real
+    change is still refused."""
+    study = RunFolderHome(tmp_path).open(PINNED[method], measured=True, seed=0, n_startup_trials=1)
+    study.ask()
+    new = settings(method=method).measurement_fingerprint("demo")
+    RunFolderHome(tmp_path).open(new, measured=True, seed=0, n_startup_trials=1)
+    changed = settings(method=method, kl_cutoff=1.0).measurement_fingerprint("demo")
+    with pytest.raises(ApostateError, match="changed: kl_cutoff"):
+        RunFolderHome(tmp_path).open(changed, measured=True, seed=0, n_startup_trials=1)
+
+
+def test_old_config_keys_load_into_the_directional_table(tmp_path):
+    config = tmp_path / "old.toml"
+    config.write_text('row_normalization = "pre"\nfull_normalization_rank = 2\n\n[search]\nmax_weight = [0.5, 1.0]\n')
+    loaded = Settings(model="demo", config=config)
+    assert loaded.directional.row_normalization == "pre" and loaded.directional.full_normalization_rank == 2
+    assert loaded.directional.search.max_weight == (0.5, 1.0)
+
+
 @pytest.mark.parametrize("values", VARIANTS)
 def test_fingerprint_is_the_old_hand_kept_one(values):
     made = settings(**values)
@@ -85,9 +128,7 @@ CHANGES = {
     "components": ["mlp"],
     "orthogonalize_direction": False,
     "winsorization_quantile": 0.9,
-    "row_normalization": "pre",
-    "full_normalization_rank": 2,
-    "search": {"max_weight": (0.5, 1.0)},
+    "directional": {"row_normalization": "pre", "full_normalization_rank": 2, "search": {"max_weight": (0.5, 1.0)}},
     "ara": {"lora_rank": 4},
     "kl_cutoff": 1.0,
 }
@@ -123,11 +164,12 @@ def test_every_measured_setting_is_exercised():
 
 @pytest.mark.parametrize("name", sorted(CHANGES))
 def test_changing_a_measured_setting_changes_the_fingerprint(name):
-    base = {"method": "ara"} if name == "ara" else {}
+    base = {"method": "ara"} if name == "ara" else {"method": "directional"} if name == "directional" else {}
     before = settings(**base).measurement_fingerprint("demo")
     after = settings(**{**base, name: CHANGES[name]}).measurement_fingerprint("demo")
     assert before != after
-    assert before[name] != after[name]
+    keys = DIRECTIONAL_KNOBS if name == "directional" else (name,)  # spread at the top level
+    assert any(before[key] != after[key] for key in keys)
 
 
 @pytest.mark.parametrize("name", sorted(UNMEASURED))
@@ -135,6 +177,14 @@ def test_changing_a_measured_setting_changes_the_fingerprint(name):
 def test_changing_an_unmeasured_setting_keeps_the_fingerprint(name, method):
     before = settings(method=method).measurement_fingerprint("demo")
     assert settings(method=method, **{name: UNMEASURED[name]}).measurement_fingerprint("demo") == before
+
+
+def test_directional_settings_count_only_for_directional():
+    changed = {"directional": {"row_normalization": "none"}}
+    for method in ("ara", "ara-lora"):
+        assert settings(method=method, **changed).measurement_fingerprint("demo") == settings(
+            method=method
+        ).measurement_fingerprint("demo")
 
 
 def test_ara_settings_count_only_for_ara_methods():

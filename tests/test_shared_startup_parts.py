@@ -12,9 +12,9 @@ import pytest
 from optuna.artifacts import download_artifact, upload_artifact
 from optuna.artifacts.exceptions import ArtifactNotFound
 
-from apostate.search import study_artifacts
-from apostate.search.startup_lock import StartupLock
-from apostate.search.study_artifacts import StudyArtifactStore
+from apostate.workers import study_artifacts
+from apostate.workers.startup_lock import StartupLock
+from apostate.workers.study_artifacts import StudyArtifactStore
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
 
@@ -89,7 +89,7 @@ def test_one_holder_at_a_time_and_a_dead_holders_lock_is_taken_over(storage):
 )
 def test_a_storage_url_that_cannot_work_is_one_line(url, what, said, bad_input):
     from apostate.errors import ApostateError
-    from apostate.search.storage import open_database
+    from apostate.workers.storage import open_database
 
     with pytest.raises(ApostateError) as excinfo:
         open_database(url, 30)

@@ -16,8 +16,8 @@ from apostate.cli import main
 from apostate.directions.refusal import direction_agreement
 from apostate.errors import ApostateError
 from apostate.scoring.scorer import kl_divergence, scores_line
-from apostate.search.check_settings import StartupChecks
-from apostate.search.startup_checks import base_findings, direction_findings, prefix_findings
+from apostate.startup.check_settings import StartupChecks
+from apostate.startup.checks import base_findings, direction_findings, prefix_findings
 
 BUNDLED_HARMFUL = Path(__file__).parents[1] / "src" / "apostate" / "data" / "harmful.jsonl"
 CONTEXT = 256  # the small-context model's max_position_embeddings: every bundled prompt fits
@@ -78,7 +78,7 @@ def test_a_run_without_heldout_prompts_fits_its_prompts_to_the_context(short_con
 
 
 def test_harmless_prompts_the_base_model_refuses_are_a_warning(model_dir, tmp_path, bad_input, capsys, monkeypatch):
-    from apostate.search import startup
+    from apostate.startup import measure as startup
 
     # Markers that would match every answer (the tiny model's noise holds no refusal words).
     monkeypatch.setattr(startup, "MarkerJudge", lambda markers: SimpleNamespace(refuses=lambda response: True))

@@ -10,14 +10,14 @@ import threading
 import warnings
 from importlib import import_module
 
-from .errors import first_line
+from apostate.errors import first_line
 
 # `apostate COMMAND ARGS`: the module whose main(args) -> exit code does it. A model folder
 # that has one of these names is given as ./NAME.
 COMMANDS = {
-    "report": "apostate.report.command",
-    "reproduce": "apostate.results.reproduce",
-    "inspect": "apostate.directions.inspect",
+    "report": "apostate.commands.report",
+    "reproduce": "apostate.commands.reproduce",
+    "inspect": "apostate.commands.inspect",
 }
 
 INTERRUPTED = (
@@ -36,11 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         return _guarded(lambda: command.main(args), debug)
     from pydantic import ValidationError
 
-    from .errors import ApostateError
-    from .progress import console
+    from apostate.errors import ApostateError
+    from apostate.progress import console
 
     try:
-        from .settings import parse_command_line
+        from apostate.settings import parse_command_line
 
         settings = parse_command_line(argv)
     except ValidationError as error:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         return _fail(console, str(error), debug=debug)
 
-    from .pipeline import run
+    from apostate.commands.run import run
 
     debug = debug or settings.debug  # `debug = true` in a config file
     return _guarded(lambda: run(settings), debug)
@@ -61,8 +61,8 @@ def _guarded(work, debug: bool) -> int:
     finished, a bug is one line asking for --debug."""
     from pydantic import ValidationError
 
-    from .errors import ApostateError
-    from .progress import console
+    from apostate.errors import ApostateError
+    from apostate.progress import console
 
     in_main_thread = threading.current_thread() is threading.main_thread()  # where signal handlers can be set
     previous_handler = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None  # `kill PID` = Ctrl+C

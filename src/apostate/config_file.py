@@ -12,7 +12,7 @@ import tomli_w
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from .settings import METHODS, Settings, measured_for
+from apostate.settings import METHODS, Settings, measured_for
 
 SKIPPED = {"model", "config"}
 HEADER = """\
@@ -35,12 +35,23 @@ def render_default_config() -> str:
             continue
         lines.extend(_entry(name, _notes(field), default))
     for name, field, model in tables:
-        lines.append("")
-        lines.extend(_notes(field))
-        lines.append(f"[{name}]")
-        for sub_name, sub_field in type(model).model_fields.items():
-            lines.extend(_entry(sub_name, _notes(sub_field), getattr(model, sub_name)))
+        lines.extend(_table(name, field, model))
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _table(name: str, field: FieldInfo, model: BaseModel) -> list[str]:
+    """`[name]` with its entries, then its own tables as `[name.sub]`."""
+    lines = ["", *_notes(field), f"[{name}]"]
+    nested = []
+    for sub_name, sub_field in type(model).model_fields.items():
+        value = getattr(model, sub_name)
+        if isinstance(value, BaseModel):
+            nested.append((f"{name}.{sub_name}", sub_field, value))
+        else:
+            lines.extend(_entry(sub_name, _notes(sub_field), value))
+    for args in nested:
+        lines.extend(_table(*args))
+    return lines
 
 
 def _notes(field: FieldInfo) -> list[str]:

@@ -1,13 +1,17 @@
-"""Where the settings' TOML file comes from: `--config FILE`, else ./apostate.toml if present."""
+"""Where the settings come from besides the model's fields: the TOML file (`--config FILE`, else
+./apostate.toml if present), and the command line's parser (a mistyped flag is one line)."""
 
 from __future__ import annotations
 
+import argparse
+import difflib
+import re
 from pathlib import Path
 from typing import Any
 
 from pydantic_settings import BaseSettings, TomlConfigSettingsSource
 
-from .errors import ApostateError, first_line
+from apostate.errors import ApostateError, first_line
 
 LOCAL_CONFIG = Path("apostate.toml")
 
@@ -45,3 +49,14 @@ def toml_source(settings_cls: type[BaseSettings], path: Path) -> TomlConfigSetti
     except ValueError as error:
         # tomllib.TOMLDecodeError (tomli's before Python 3.11); its text ends "(at line L, column C)".
         raise ApostateError(f"config file {path} is not valid TOML: {first_line(error)}; fix it there") from None
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a mistyped flag is one error line that names the flag meant, not usage text."""
+
+    def error(self, message: str):
+        unknown = re.findall(r"(--[\w.-]+)", message) if "unrecognized arguments" in message else []
+        known = [flag for action in self._actions for flag in action.option_strings]
+        close = [match for flag in unknown for match in difflib.get_close_matches(flag, known, n=1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ApostateError(f"{message}{hint}; {self.prog} --help lists every option")

@@ -19,7 +19,7 @@ import psutil
 import torch
 from rich.table import Table
 
-from .progress import console
+from apostate.progress import console
 
 SAMPLE_SECONDS = 0.05
 

@@ -11,13 +11,13 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ApostateError, first_line
-from .model.chat_template import render
-from .model.sources import looks_like_path
+from apostate.errors import ApostateError, first_line
+from apostate.model.chat_template import render
+from apostate.model.sources import looks_like_path
 
 if TYPE_CHECKING:
-    from .prompt_settings import PromptSetSpec
-    from .settings import Settings
+    from apostate.prompt_settings import PromptSetSpec
+    from apostate.settings import Settings
 
 PROMPT_COLUMNS = ("prompt", "text", "instruction", "question", "goal")
 CATEGORY_COLUMN = "category"  # .jsonl, .csv and datasets may tag each prompt (harm categories)

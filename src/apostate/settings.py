@@ -10,11 +10,8 @@ same values (`Settings.measurement_fingerprint`).
 
 from __future__ import annotations
 
-import argparse
-import difflib
 import json
 import os
-import re
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -30,19 +27,26 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from .config_sources import chosen_config_file, find_config_file, toml_source
-from .errors import ApostateError
-from .methods import METHODS as REGISTERED_METHODS
-from .methods.ara.settings import AraSettings
-from .methods.directional.settings import SearchSpace
-from .model.chat_template import read_chat_template
-from .prompt_settings import PromptSetSpec
-from .results.upload_settings import UploadSettings
-from .scoring.judges.settings import JudgeSettings
-from .search.check_settings import StartupChecks
+from apostate.config_sources import OneLineArgumentParser, chosen_config_file, find_config_file, toml_source
+from apostate.methods import METHODS as REGISTERED_METHODS
+from apostate.methods.ara.settings import AraSettings
+from apostate.methods.directional.settings import DirectionalSettings
+from apostate.model.chat_template import read_chat_template
+from apostate.prompt_settings import PromptSetSpec
+from apostate.results.upload_settings import UploadSettings
+from apostate.scoring.judges.settings import JudgeSettings
+from apostate.startup.check_settings import StartupChecks
 
 METHODS: tuple[str, ...] = tuple(REGISTERED_METHODS)
 MethodName = Literal[METHODS]  # the names in the methods' registry
+# Directional's knobs before they had their own table: config files and run records that name
+# them at the top level still load (moved into [directional]).
+LEGACY_DIRECTIONAL_KEYS = ("row_normalization", "full_normalization_rank", "search")
+
+
+def methods_using(table: str) -> tuple[str, ...]:
+    """The methods whose knobs are the settings table `table`."""
+    return tuple(name for name, (_, key) in REGISTERED_METHODS.items() if key == table)
 
 
 def measured(default: Any = PydanticUndefined, *, methods: tuple[str, ...] = METHODS, **kwargs: Any) -> Any:
@@ -213,17 +217,14 @@ class Settings(BaseSettings):
         le=1.0,
         description="Clamp residual components to this quantile of their magnitudes before averaging (1 = off).",
     )
-    row_normalization: Literal["none", "pre", "full"] = measured(
-        "full",
-        description="'none': plain projection; 'pre': edit relative to unit-norm rows; 'full': also restore row norms (norm-preserving).",
+    directional: DirectionalSettings = measured(
+        default_factory=DirectionalSettings,
+        methods=methods_using("directional"),
+        description="Directional ablation: normalization and ranges.",
     )
-    full_normalization_rank: int = measured(
-        3, ge=1, description="LoRA rank approximating the 'full' row-normalized edit."
-    )
-    search: SearchSpace = measured(default_factory=SearchSpace, description="Parameter ranges of the search.")
     ara: AraSettings = measured(
         default_factory=AraSettings,
-        methods=("ara", "ara-lora"),
+        methods=methods_using("ara"),
         description="Arbitrary-Rank Ablation: fitting and ranges.",
     )
 
@@ -296,21 +297,44 @@ class Settings(BaseSettings):
     def measurement_fingerprint(self, model_name: str) -> dict:
         """The `measured()` settings of this run's method, and the model: a resumed study must match them.
 
-        JSON-plain (tuples as lists, paths as text), as stored in the study.
+        JSON-plain (tuples as lists, paths as text), as stored in the study. Directional's table is
+        spread at the top level, where run folders made before it had a table hold its knobs.
         """
         data = {}
         for name, field in type(self).model_fields.items():
             if self.method in measured_for(field):
                 value = getattr(self, name)
-                data[name] = value.model_dump() if isinstance(value, BaseModel) else value
+                dumped = value.model_dump() if isinstance(value, BaseModel) else value
+                if name == "directional":
+                    data.update(dumped)
+                else:
+                    data[name] = dumped
         data["model"] = model_name
         return json.loads(json.dumps(data, default=str))
+
+    def method_settings(self) -> BaseModel:
+        """The run's method's own settings table ([directional] or [ara])."""
+        return getattr(self, REGISTERED_METHODS[self.method][1])
 
     def cache_path(self) -> Path:
         if self.cache_dir is not None:
             return self.cache_dir.expanduser()
         root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
         return Path(root) / "apostate"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_directional_keys(cls, data: Any) -> Any:
+        """Top-level row_normalization, full_normalization_rank and [search] (before [directional])."""
+        if not isinstance(data, dict) or not any(key in data for key in LEGACY_DIRECTIONAL_KEYS):
+            return data
+        data = dict(data)
+        table = dict(data.get("directional") or {})
+        for key in LEGACY_DIRECTIONAL_KEYS:
+            if key in data:
+                table.setdefault(key, data.pop(key))
+        data["directional"] = table
+        return data
 
     @field_validator("quantization", mode="before")
     @classmethod
@@ -348,17 +372,6 @@ class Settings(BaseSettings):
                 "lower --n-startup-trials or raise --n-trials"
             )
         return self
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse, but a mistyped flag is one error line that names the flag meant, not usage text."""
-
-    def error(self, message: str):
-        unknown = re.findall(r"(--[\w.-]+)", message) if "unrecognized arguments" in message else []
-        known = [flag for action in self._actions for flag in action.option_strings]
-        close = [match for flag in unknown for match in difflib.get_close_matches(flag, known, n=1)]
-        hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise ApostateError(f"{message}{hint}; {self.prog} --help lists every option")
 
 
 def parse_command_line(argv: list[str]) -> Settings:

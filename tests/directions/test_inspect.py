@@ -208,7 +208,7 @@ def test_inspect_of_a_missing_model_is_one_line(tmp_path, bad_input):
 
 def test_inspect_needs_two_direction_prompts_per_side(model_dir, tmp_path):
     with pytest.raises(ApostateError, match="at least 2 harmful direction prompts"):
-        from apostate.directions.inspect import main as inspect
+        from apostate.commands.inspect import main as inspect
 
         inspect([str(model_dir), *FEW, "--harmful.direction-count", "1"])
 

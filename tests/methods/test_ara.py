@@ -6,10 +6,10 @@ from optuna.trial import FixedTrial
 from tiny import KL_ROUNDING, tiny_model
 
 from apostate.decoding.batching import last_position_logprobs
-from apostate.methods import method_class
 from apostate.methods.ara.captures import ModuleCapture, build_captures, capture_slots, capture_writer_inputs
 from apostate.methods.ara.objective import Objective, ObjectiveWeights, fit
 from apostate.methods.context import MethodContext
+from apostate.methods.protocol import method_class
 from apostate.model.adapter import attach_adapter
 from apostate.model.architecture import discover
 from apostate.settings import Settings
@@ -92,7 +92,7 @@ def make_method(model, tokenizer, method: str, **ara):
     settings = Settings(model="tiny", method=method, ara={"lora_rank": 4, "lbfgs_steps": 10, **ara})
     architecture = discover(model)
     method_type = method_class(method)
-    adapter = attach_adapter(model, architecture, method_type.adapter_rank(settings))
+    adapter = attach_adapter(model, architecture, method_type.adapter_rank(settings.ara))
     texts = {
         side: [
             tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
@@ -107,7 +107,10 @@ def make_method(model, tokenizer, method: str, **ara):
         for side in texts
     }
     captures = build_captures(adapter, inputs["harmless"], inputs["harmful"], settings.ara.basis_rank)
-    context = MethodContext(adapter, settings, architecture.n_layers, ["attn", "mlp"], torch.zeros(4, 64), captures)
+    directions = torch.zeros(4, 64)
+    context = MethodContext(
+        adapter, settings.ara, architecture.n_layers, ["attn", "mlp"], directions, prepared=captures
+    )
     return method_type(context), adapter, texts
 
 
@@ -194,7 +197,7 @@ def test_full_weight_ara_refuses_a_quantized_model():
 
     settings = Settings(model="tiny", method="ara", quantization="bnb_4bit")
     with pytest.raises(ApostateError, match="ara-lora"):
-        method_class("ara")(MethodContext(None, settings, 3, ["attn"], torch.zeros(1)))
+        method_class("ara")(MethodContext(None, settings.ara, 3, ["attn"], torch.zeros(1), quantized=True))
 
 
 def test_ara_lora_on_a_4bit_base(tmp_path):
@@ -241,14 +244,14 @@ def test_headless_ara_run_exports_the_scored_model(method_name, tmp_path):
 def test_fused_moe_experts_are_captured_and_edited_per_expert(method_name):
     model, tokenizer = tiny_model("qwen3_moe", layers=2, seed=2, **MOE)
     method, adapter, texts = make_method(model, tokenizer, method_name)
-    expert_keys = [key for key in method.context.captures if adapter.slots[key[0]].stacked]
+    expert_keys = [key for key in method.captures if adapter.slots[key[0]].stacked]
     assert expert_keys, "some experts were routed last-position tokens"
     for key in expert_keys:  # an expert's rows: one per prompt routed to it, on each side
-        capture = method.context.captures[key]
+        capture = method.captures[key]
         assert 1 <= capture.harmless_outputs.shape[0] <= len(HARMLESS)
     # Coordinates and outputs of a capture agree with each other.
     index, expert = expert_keys[0]
-    capture = method.context.captures[(index, expert)]
+    capture = method.captures[(index, expert)]
     weight = adapter.slots[index].base_weight()[expert]
     rebuilt = capture.harmful_coords @ capture.basis @ weight.T
     assert torch.allclose(rebuilt, capture.harmful_outputs, atol=1e-4)
@@ -258,7 +261,7 @@ def test_fused_moe_experts_are_captured_and_edited_per_expert(method_name):
     assert not torch.allclose(logprobs(adapter, tokenizer, texts), base)
     stacked = {edit.writer.path: edit.compute() for edit in method.deltas() if edit.writer.parameter}
     delta = stacked[adapter.slots[index].writer.path]
-    edited = {e for (i, e) in method.context.captures if i == index}
+    edited = {e for (i, e) in method.captures if i == index}
     for e in range(delta.shape[0]):  # experts never reached stay untouched
         assert bool(delta[e].abs().sum() > 0) == (e in edited)
     method.reset()

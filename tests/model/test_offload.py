@@ -10,7 +10,8 @@ from tiny import KL_ROUNDING, SMALL, tiny_model_folder
 
 from apostate.cli import main
 from apostate.model.offload import offload_hook
-from apostate.search.study import completed, load_run_study
+from apostate.search.reading import load_run_study
+from apostate.search.study import completed
 
 FLAGS = [*SMALL, "--n-trials", "4", "--seed", "3", "--headless"]
 OFFLOADED = ["--device-map", "auto", "--max-memory", '{"cpu": "500KB"}']  # layer 0 stays, layers 1-3 and the head go
@@ -54,12 +55,12 @@ def test_trials_on_a_partly_offloaded_model_score_as_on_the_whole_model(model_di
 def test_an_offloaded_writer_is_read_from_accelerates_map(model_dir, tmp_path):
     from apostate.model.loading import load_model, load_tokenizer
     from apostate.model.sources import resolve_source
-    from apostate.pipeline import load_editable
+    from apostate.session import open_model
     from apostate.settings import parse_command_line
 
     settings = parse_command_line([str(model_dir), *SMALL, *OFFLOADED, "--offload-folder", str(tmp_path / "off")])
     source = resolve_source(settings.model, None, settings.cache_path())
-    editable = load_editable(source, settings, tmp_path)
+    editable = open_model(source, settings, tmp_path)
     offloaded = [slot for slot in editable.adapter.slots if offload_hook(slot.module.get_base_layer())]
     assert offloaded and len(offloaded) < len(editable.adapter.slots)  # part of the model, not all of it
     whole = load_model(source, parse_command_line([str(model_dir), *SMALL]), load_tokenizer(source, settings)).model

@@ -14,7 +14,7 @@ from tiny import SMALL
 
 from apostate.cli import main
 from apostate.model.identity import _gguf_model_name
-from apostate.search.study import load_run_study
+from apostate.search.reading import load_run_study
 
 PICTURES = {"front.png", "scores.png", "edit.png", "progress.png", "phases.png"}
 

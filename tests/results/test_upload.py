@@ -16,7 +16,7 @@ from hub_stub import TOKEN, HubStub
 from test_end_to_end import load_study, run
 from test_judged_run import every_file_text
 
-from apostate import pipeline
+from apostate.commands import run as pipeline
 from apostate.errors import ApostateError
 from apostate.results import upload
 from apostate.results.upload_settings import UploadSettings

@@ -9,10 +9,11 @@ from tiny import tiny_model
 
 from apostate.errors import ApostateError
 from apostate.scoring.degeneration import broken_reason
-from apostate.scoring.judges import MarkerJudge, RefinedJudge, VerdictCache
-from apostate.scoring.judges.cache import CachedJudge
+from apostate.scoring.judges.cache import CachedJudge, VerdictCache
 from apostate.scoring.judges.endpoint import EndpointJudge
+from apostate.scoring.judges.markers import MarkerJudge
 from apostate.scoring.judges.model import ModelJudge, judge_text, label_token_ids
+from apostate.scoring.judges.refined import RefinedJudge
 from apostate.scoring.judges.rubric import CONTENT_FREE, parse_label
 from apostate.scoring.verdicts import Verdict, VerdictCounts
 from apostate.settings import DEFAULT_REFUSAL_MARKERS

@@ -9,9 +9,9 @@ the CPU kernel choices timed on this machine (kernel_timing) and holds the greed
 (greedy_head).
 """
 
-from .batching import batches
-from .cpu_kernels import CpuKernels
-from .generation import GREEDY
-from .prompt_set import PromptSet
+from apostate.decoding.batching import batches
+from apostate.decoding.cpu_kernels import CpuKernels
+from apostate.decoding.generation import GREEDY
+from apostate.decoding.prompt_set import PromptSet
 
 __all__ = ["GREEDY", "CpuKernels", "PromptSet", "batches"]

@@ -19,10 +19,10 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from ..model.checkpoint_pages import checkpoint_mappings, drop_pages
-from . import kernel_timing
-from .greedy_head import GreedyHead
-from .kernel_timing import ROW_RANGES, KernelTimer
+from apostate.decoding import kernel_timing
+from apostate.decoding.greedy_head import GreedyHead
+from apostate.decoding.kernel_timing import ROW_RANGES, KernelTimer
+from apostate.model.checkpoint_pages import checkpoint_mappings, drop_pages
 
 
 class CpuKernels:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from .batching import batches
+from apostate.decoding.batching import batches
 
 # Greedy decoding; the sampling knobs are unset so a model's generation_config cannot turn them on.
 GREEDY = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}

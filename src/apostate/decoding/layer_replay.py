@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..model.architecture import decoder_layer_list
+from apostate.model.architecture import decoder_layer_list
 
 ALL_LAYERS = 1 << 30  # `unchanged` for a model without any edit
 

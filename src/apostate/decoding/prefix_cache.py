@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from .layer_replay import LayerReplay
+from apostate.decoding.layer_replay import LayerReplay
 
 
 @dataclass

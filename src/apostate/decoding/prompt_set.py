@@ -22,13 +22,13 @@ from collections.abc import Callable
 
 import torch
 
-from .batching import last_position_logprobs
-from .cpu_kernels import CpuKernels
-from .generation import generate_plain, stop_ids
-from .layer_replay import LayerReplay, unchanged_layers
-from .prefix_cache import PromptPasses, SharedPrefix, shared_prefix_logprobs
-from .response_pool import ResponsePool
-from .speculative import DecodingLimits, speculative_greedy
+from apostate.decoding.batching import last_position_logprobs
+from apostate.decoding.cpu_kernels import CpuKernels
+from apostate.decoding.generation import generate_plain, stop_ids
+from apostate.decoding.layer_replay import LayerReplay, unchanged_layers
+from apostate.decoding.prefix_cache import PromptPasses, SharedPrefix, shared_prefix_logprobs
+from apostate.decoding.response_pool import ResponsePool
+from apostate.decoding.speculative import DecodingLimits, speculative_greedy
 
 SIGNATURE_TOKENS = 16  # a model is signed by its log-probabilities of the base's likeliest first tokens
 

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..model.architecture import MLP_PARENTS, decoder_layer_list
+from apostate.model.architecture import MLP_PARENTS, decoder_layer_list
 
 ADAPTER_PARTS = {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}  # PEFT's factors: too small to pay
 

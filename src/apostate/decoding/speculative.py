@@ -24,10 +24,10 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .greedy_head import GreedyHead
-from .prefix_cache import PromptPasses, PromptState, SharedPrefix, positions, prefill
-from .real_positions import on_real_positions, position_wise_modules
-from .response_pool import LOOKUP, DraftStats, ResponsePool, best_width
+from apostate.decoding.greedy_head import GreedyHead
+from apostate.decoding.prefix_cache import PromptPasses, PromptState, SharedPrefix, positions, prefill
+from apostate.decoding.real_positions import on_real_positions, position_wise_modules
+from apostate.decoding.response_pool import LOOKUP, DraftStats, ResponsePool, best_width
 
 
 @dataclass

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .refusal import refusal_directions
+from apostate.directions.refusal import refusal_directions
 
 UNDEFINED_GAP = 1e-4  # relative to the larger mean's norm: below it the means differ by rounding only
 

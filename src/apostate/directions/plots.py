@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import ApostateError
-from ..progress import track
-from .geometry import LayerGeometry, pca_2d
+from apostate.directions.geometry import LayerGeometry, pca_2d
+from apostate.errors import ApostateError
+from apostate.progress import track
 
 PROJECTIONS = ("none", "pca", "pacmap", "umap")
 # projection -> (module to import, package that provides it)

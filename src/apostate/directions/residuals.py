@@ -8,9 +8,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ..decoding.batching import batches
-from ..progress import track
-from .refusal import winsorize
+from apostate.decoding.batching import batches
+from apostate.directions.refusal import winsorize
+from apostate.progress import track
 
 
 class ResidualMeans(NamedTuple):

@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..model.adapter import Adapter
-    from ..model.architecture import WriterEdit
+    from apostate.model.adapter import Adapter
+    from apostate.model.architecture import WriterEdit
 
 
 class AdapterEdits:

@@ -1,17 +1,15 @@
-"""What a method is built from, and the error a method raises for an edit that must not be scored."""
+"""What a method is built from, what it may prepare once per run, and the error a method raises
+for an edit that must not be scored."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
+from pydantic import BaseModel
 from torch import Tensor
 
-from ..model.adapter import Adapter
-from .ara.captures import ModuleCapture
-
-if TYPE_CHECKING:
-    from ..settings import Settings  # apostate.settings imports the methods' settings: not at runtime
+from apostate.model.adapter import Adapter
+from apostate.prompts import Texts
 
 
 class BrokenEdit(Exception):
@@ -19,10 +17,24 @@ class BrokenEdit(Exception):
 
 
 @dataclass
+class RunInputs:
+    """What a method may read once per run, before its first trial (`Method.prepare`)."""
+
+    adapter: Adapter
+    tokenizer: object
+    device: object
+    texts: Texts  # the run's prompts, chat-formatted
+    batch_size: int
+    settings: BaseModel  # the method's own settings table
+    keep_activations_on: object  # "cpu", or the model's device (settings.activations_on)
+
+
+@dataclass
 class MethodContext:
     adapter: Adapter
-    settings: Settings
+    settings: BaseModel  # the method's own settings table
     n_layers: int
     components: list[str]  # the components the user wants edited and the model has
     directions: Tensor  # (layers + 1, hidden) refusal directions
-    captures: dict[tuple[int, int], ModuleCapture] = field(default_factory=dict)  # (slot, expert) -> capture (ARA)
+    quantized: bool = False  # the model's weights are bitsandbytes 4-bit
+    prepared: object = None  # what the method's `prepare` made for this run (Method.prepare)

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .architecture import Architecture, ResidualWriter, WriterEdit, stacked_output_dim
-from .bnb_weights import dequantize
-from .offload import execution_device, offload_hook, read_parameter
+from apostate.model.architecture import Architecture, ResidualWriter, WriterEdit, stacked_output_dim
+from apostate.model.bnb_weights import dequantize
+from apostate.model.offload import execution_device, offload_hook, read_parameter
 
 ADAPTER = "default"
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ..errors import ApostateError
+from apostate.errors import ApostateError
 
 # fmt: off
 WRITER_NAMES = {"o_proj", "out_proj", "dense", "wo", "down_proj", "fc2", "w2", "dense_4h_to_h", "output_linear", "c_proj"}

@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import Tensor
 
-from ..errors import ApostateError
+from apostate.errors import ApostateError
 
 
 def dequantize(weight) -> Tensor:

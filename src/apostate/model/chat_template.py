@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ApostateError
+from apostate.errors import ApostateError
 
 JINJA_SYNTAX = ("{{", "{%", "{#")
 PROBE = "Name three colours of the rainbow."  # a user message the checks render

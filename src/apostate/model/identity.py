@@ -15,7 +15,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .sources import DEMO_NAME, ModelSource
+from apostate.model.sources import DEMO_NAME, ModelSource
 
 DEMO_IDENTITY = {"hub_id": "Qwen/Qwen2.5-Coder-0.5B-Instruct", "license": "apache-2.0"}
 HUB_URL = re.compile(r"https?://huggingface\.co/([\w.-]+/[\w.-]+)")
@@ -36,7 +36,7 @@ class BaseIdentity:
 def base_identity(source: ModelSource, snapshot: Path | None = None) -> BaseIdentity:
     """`snapshot`: the local folder a hub model was read from (its name is the commit)."""
     if source.name == DEMO_NAME:
-        from .demo import DEMO_FILE, DEMO_SHA256
+        from apostate.model.demo import DEMO_FILE, DEMO_SHA256
 
         hub_id = DEMO_IDENTITY["hub_id"]
         return BaseIdentity(hub_id, hub_id, None, DEMO_IDENTITY["license"], f"{DEMO_FILE} (sha256 {DEMO_SHA256})")

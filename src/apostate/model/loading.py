@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from ..errors import ApostateError, first_line
-from ..progress import console
-from ..settings import Settings
-from .chat_template import read_chat_template
-from .checkpoint_pages import releasing_checkpoint_pages
-from .offload import first_real_device
-from .sources import ModelSource
+from apostate.errors import ApostateError, first_line
+from apostate.model.chat_template import read_chat_template
+from apostate.model.checkpoint_pages import releasing_checkpoint_pages
+from apostate.model.offload import first_real_device
+from apostate.model.sources import ModelSource
+from apostate.progress import console
+from apostate.settings import Settings
 
 # What a dtype that does not work raises: from_pretrained or the test generation refusing it
 # (RuntimeError: an op not implemented for the dtype on this device; TypeError/ValueError: a dtype

@@ -13,7 +13,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ApostateError, first_line
+from apostate.errors import ApostateError, first_line
 
 DEMO_NAME = "demo"
 CONVERSION_SHARD_SIZE = "500MB"
@@ -44,7 +44,7 @@ class ModelSource:
 def resolve_source(model: str, revision: str | None, cache_dir: Path) -> ModelSource:
     """Turn the user's model argument into a ModelSource, converting GGUF files on first use."""
     if model == DEMO_NAME:
-        from .demo import demo_gguf
+        from apostate.model.demo import demo_gguf
 
         return ModelSource(DEMO_NAME, str(converted_gguf(demo_gguf(cache_dir), cache_dir)))
     path = Path(model).expanduser()

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import optuna
 
-from ..search.pareto import count_text, kl_text
-from . import figures
-from .data import RunData, load_run
-from .page import front_table, image, page, samples_html, table
+from apostate.report import figures
+from apostate.report.data import RunData, load_run
+from apostate.report.page import front_table, image, page, samples_html, table
+from apostate.search.pareto import count_text, kl_text
+from apostate.search.trial_record import TrialRecord
 
 
 def build_report(run_dir: Path, study: optuna.Study | None = None) -> Path:
@@ -46,10 +47,10 @@ def _summary(data: RunData, chosen) -> str:
         f"{data.base.refusals}/{data.base.total} harmful evaluation prompts.</p>"
     ]
     if chosen is not None:
-        attrs = chosen.user_attrs
+        attrs = TrialRecord.of(chosen)
         lines.append(
-            f"<p>Chosen: <b>trial {chosen.number}</b>, refusals {attrs['refusals']}/{attrs['total']}, "
-            f"broken {attrs.get('broken', 0)}, KL {kl_text(attrs['kl'])} (evaluation prompts).</p>"
+            f"<p>Chosen: <b>trial {chosen.number}</b>, refusals {attrs.refusals}/{attrs.total}, "
+            f"broken {attrs.broken}, KL {kl_text(attrs.kl)} (evaluation prompts).</p>"
         )
     else:
         lines.append('<p class="note">No trial was chosen yet (the run has not acted on one).</p>')
@@ -68,16 +69,16 @@ def _scores_section(data: RunData, folder: Path) -> str:
     chosen = data.chosen_trial
     if chosen is None:
         return ""
-    attrs = chosen.user_attrs
+    attrs = TrialRecord.of(chosen)
     base_judged, judged, heldout = data.judged("base"), data.judged(chosen.number), data.heldout(chosen.number)
     rows = [
         ("evaluation, base", data.base.refusal_rate, _rate(base_judged)),
-        ("evaluation, chosen", (attrs["refusals"] + attrs.get("broken", 0)) / attrs["total"], _rate(judged)),
+        ("evaluation, chosen", (attrs.refusals + attrs.broken) / attrs.total, _rate(judged)),
     ]
     table_rows = [
         ["evaluation", "base model", f"{data.base.refusals}/{data.base.total}", "-", _text(base_judged), "0"],
-        ["evaluation", f"trial {chosen.number}", f"{attrs['refusals']}/{attrs['total']}", str(attrs.get("broken", 0)),
-         _text(judged), kl_text(attrs['kl'])],
+        ["evaluation", f"trial {chosen.number}", f"{attrs.refusals}/{attrs.total}", str(attrs.broken),
+         _text(judged), kl_text(attrs.kl)],
     ]  # fmt: skip
     if heldout:
         total = heldout["total"]
@@ -117,8 +118,8 @@ def _edit_section(data: RunData, folder: Path) -> str:
     chosen = data.chosen_trial
     if chosen is None:
         return ""
-    norms = data.chosen.get("edit_norms")
-    png = figures.plot_edit(chosen.user_attrs["parameters"], norms, folder / "edit.png")
+    # Runs before layer profiles were recorded have the norms alone.
+    png = figures.plot_edit(data.chosen.get("layer_profile", {}), data.chosen.get("edit_norms"), folder / "edit.png")
     return image(png, "edit over layers")
 
 

@@ -9,9 +9,11 @@ from pathlib import Path
 
 import optuna
 
-from ..errors import ApostateError
-from ..search.pareto import BaseScores, judged_counts, pareto_trials
-from ..search.study import completed, load_run_study
+from apostate.errors import ApostateError
+from apostate.search.pareto import BaseScores, judged_counts, pareto_trials
+from apostate.search.reading import load_run_study
+from apostate.search.study import completed
+from apostate.search.trial_record import TrialRecord
 
 DEFAULT_PICK_MAX_KL = 0.1  # the setting's default, for a run that has not picked a trial yet
 
@@ -56,7 +58,7 @@ def load_run(run_dir: Path, study: optuna.Study | None = None) -> RunData:
     pareto = _read_json(run_dir / "pareto.json") or {}
     model_name = attrs.get("model") or pareto.get("model") or run_dir.name
     method = attrs.get("method")
-    base = BaseScores(attrs.get("base_refusals", 0), trials[0].user_attrs["total"])
+    base = BaseScores(attrs.get("base_refusals", 0), TrialRecord.of(trials[0]).total)
     chosen = attrs.get("chosen")
     front = pareto_trials(study)
     return RunData(run_dir, model_name, method, study, trials, front, base, chosen, _read_json(run_dir / "phases.json"))

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import optuna
 
-from ..methods.directional.weight_kernel import WeightKernel
-from ..search.pareto import BaseScores, failures, judged_counts, pareto_trials
-from ..search.study import completed
+from apostate.search.pareto import BaseScores, failures, judged_counts, pareto_trials
+from apostate.search.study import completed
+from apostate.search.trial_record import TrialRecord
 
 KL_FLOOR = 1e-6  # a log axis cannot show 0
 
@@ -33,7 +33,7 @@ def _save(figure, path: Path) -> Path:
 
 
 def failure_rate(trial: optuna.trial.FrozenTrial) -> float:
-    return failures(trial) / trial.user_attrs["total"]
+    return failures(trial) / TrialRecord.of(trial).total
 
 
 def plot_front(study: optuna.Study, base: BaseScores, path: Path, chosen: int | None = None) -> Path:
@@ -42,11 +42,11 @@ def plot_front(study: optuna.Study, base: BaseScores, path: Path, chosen: int | 
     base model's rate dashed."""
     plt = _pyplot()
     trials = completed(study)
-    front = sorted(pareto_trials(study), key=lambda t: t.user_attrs["kl"])
+    front = sorted(pareto_trials(study), key=lambda t: TrialRecord.of(t).kl)
     figure, axes = plt.subplots(figsize=(7.5, 4.8))
-    kl = [max(t.user_attrs["kl"], KL_FLOOR) for t in trials]
+    kl = [max(TrialRecord.of(t).kl, KL_FLOOR) for t in trials]
     axes.scatter(kl, [failure_rate(t) for t in trials], s=14, alpha=0.45, label="trials")
-    front_kl = [max(t.user_attrs["kl"], KL_FLOOR) for t in front]
+    front_kl = [max(TrialRecord.of(t).kl, KL_FLOOR) for t in front]
     axes.plot(front_kl, [failure_rate(t) for t in front], "o-", color="crimson", label="Pareto front")
     for trial, x in zip(front, front_kl, strict=True):
         axes.annotate(
@@ -56,7 +56,7 @@ def plot_front(study: optuna.Study, base: BaseScores, path: Path, chosen: int | 
     judged = [(t, counts) for t, counts in judged if counts]
     if judged:
         axes.scatter(
-            [max(t.user_attrs["kl"], KL_FLOOR) for t, _ in judged],
+            [max(TrialRecord.of(t).kl, KL_FLOOR) for t, _ in judged],
             [(c["refusals"] + c["broken"]) / c["total"] for _, c in judged],
             marker="x",
             s=40,
@@ -66,7 +66,7 @@ def plot_front(study: optuna.Study, base: BaseScores, path: Path, chosen: int | 
     picked = next((t for t in trials if t.number == chosen), None)
     if picked is not None:
         axes.scatter(
-            [max(picked.user_attrs["kl"], KL_FLOOR)],
+            [max(TrialRecord.of(picked).kl, KL_FLOOR)],
             [failure_rate(picked)],
             marker="*",
             s=260,
@@ -84,40 +84,32 @@ def plot_front(study: optuna.Study, base: BaseScores, path: Path, chosen: int | 
     return _save(figure, path)
 
 
-def plot_edit(parameters: dict, edit_norms: dict[str, list[float]] | None, path: Path) -> Path | None:
-    """The chosen edit over layers: the ablation weight per component (directional's kernels) and
-    the Frobenius norm of the weight change per layer and component (any method)."""
-    kernels = parameters.get("kernels")
-    panels = [kind for kind, present in (("kernel", kernels), ("norms", edit_norms)) if present]
+def plot_edit(profile: dict, edit_norms: dict[str, list[float]] | None, path: Path) -> Path | None:
+    """The chosen edit over layers: the method's own weight per layer and component, where it has
+    one, and the Frobenius norm of the weight change per layer and component (any method); the
+    range of layers the method edits shaded, where it edits a range (`Method.layer_profile`)."""
+    weights = profile.get("weights")
+    panels = [kind for kind, present in (("weights", weights), ("norms", edit_norms)) if present]
     if not panels:
         return None
     plt = _pyplot()
-    n_layers = len(next(iter(edit_norms.values()))) if edit_norms else _kernel_extent(kernels)
     figure, axes_list = plt.subplots(len(panels), 1, figsize=(7.5, 2.8 * len(panels)), sharex=True, squeeze=False)
-    layers = list(range(n_layers))
     for axes, panel in zip(axes_list[:, 0], panels, strict=True):
-        if panel == "kernel":
-            for component, kernel in kernels.items():
-                weights = [WeightKernel(**kernel).weight_at(layer) for layer in layers]
-                axes.plot(layers, weights, "o-", markersize=3, label=component)
-            axes.set_ylabel("ablation weight")
-            axes.set_title("Ablation weight per layer (the trial's kernels)")
+        series = weights if panel == "weights" else edit_norms
+        for component, values in series.items():
+            axes.plot(range(len(values)), values, "o-", markersize=3, label=component)
+        if panel == "weights":
+            axes.set_ylabel("edit weight")
+            axes.set_title("Edit weight per layer (the trial's parameters)")
         else:
-            for component, norms in edit_norms.items():
-                axes.plot(layers, norms, "o-", markersize=3, label=component)
             axes.set_ylabel("‖ΔW‖ (Frobenius)")
             axes.set_title("Size of the weight change per layer")
-        if "layers" in parameters:  # ARA's edited range
-            first, last = parameters["layers"]
+        if "layers" in profile:
+            first, last = profile["layers"]
             axes.axvspan(first - 0.5, last + 0.5, color="gold", alpha=0.15, label="edited layers")
         axes.legend(fontsize=8)
     axes_list[-1, 0].set_xlabel("decoder layer")
     return _save(figure, path)
-
-
-def _kernel_extent(kernels: dict) -> int:
-    reach = max(k["max_weight_position"] + k["min_weight_distance"] for k in kernels.values())
-    return int(reach) + 2
 
 
 def best_so_far(trials: list[optuna.trial.FrozenTrial], max_kl: float) -> list[tuple[int, timedelta, float | None]]:
@@ -127,7 +119,7 @@ def best_so_far(trials: list[optuna.trial.FrozenTrial], max_kl: float) -> list[t
     start = min(t.datetime_start for t in ordered)
     best, rows = None, []
     for trial in ordered:
-        if trial.user_attrs["kl"] <= max_kl:
+        if TrialRecord.of(trial).kl <= max_kl:
             rate = failure_rate(trial)
             best = rate if best is None else min(best, rate)
         rows.append((trial.number, trial.datetime_complete - start, best))

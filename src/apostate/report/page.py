@@ -7,8 +7,9 @@ import base64
 from html import escape
 from pathlib import Path
 
-from .. import __version__
-from ..search.pareto import count_text, kl_text, parameter_summary
+from apostate import __version__
+from apostate.search.pareto import count_text, kl_text, parameter_summary
+from apostate.search.trial_record import TrialRecord
 
 STYLE = """
 body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
@@ -55,12 +56,12 @@ def front_table(data) -> str:
     rows, marked = [], None
     chosen = data.chosen_trial
     for index, trial in enumerate(data.front):
-        attrs = trial.user_attrs
+        attrs = TrialRecord.of(trial)
         judged = data.judged(trial.number)
-        row = [str(trial.number), f"{attrs['refusals']}/{attrs['total']}", str(attrs.get("broken", 0))]
+        row = [str(trial.number), f"{attrs.refusals}/{attrs.total}", str(attrs.broken)]
         if has_judged:
             row.append(count_text(judged) if judged else "-")
-        row += [kl_text(attrs["kl"]), parameter_summary(attrs["parameters"])]
+        row += [kl_text(attrs.kl), parameter_summary(attrs.parameters)]
         rows.append(row)
         if chosen is not None and trial.number == chosen.number:
             marked = index

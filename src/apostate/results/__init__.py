@@ -1,3 +1,3 @@
-"""After the search: pick a trial and act on it (actions): export it merged or as an adapter
-(export, merge), score it on the held-out prompts, chat with it (chat), or publish an export on the
+"""What leaves a run: an export merged or as an adapter (export, merge) with its model card
+(card) and the record that rebuilds it (record), a chat with it (chat), or its publication on the
 Hugging Face hub (upload)."""

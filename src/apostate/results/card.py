@@ -9,8 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from .. import __version__
-from ..model.identity import BaseIdentity
+from apostate import __version__
+from apostate.model.identity import BaseIdentity
 
 TAGS = ["apostate", "abliterated", "uncensored"]
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import TextStreamer
 
-from ..decoding.generation import GREEDY
-from ..progress import console
+from apostate.decoding.generation import GREEDY
+from apostate.progress import console
 
 
 def chat(model, tokenizer, system_prompt: str | None, device, max_new_tokens: int = 1024) -> None:

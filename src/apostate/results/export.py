@@ -24,15 +24,22 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ApostateError, first_line
-from ..model.adapter import ADAPTER, Adapter
-from ..model.architecture import WriterEdit
-from ..model.identity import base_identity
-from ..model.sources import ModelSource
-from ..progress import console, track
-from .card import write_card
-from .merge import INDEX_NAME, MODEL_FILE_PATTERNS, Checkpoint, copy_model_files, parameter_name, stream_merge
-from .reproduce import write_record
+from apostate.errors import ApostateError, first_line
+from apostate.model.adapter import ADAPTER, Adapter
+from apostate.model.architecture import WriterEdit
+from apostate.model.identity import base_identity
+from apostate.model.sources import ModelSource
+from apostate.progress import console, track
+from apostate.results.card import write_card
+from apostate.results.merge import (
+    INDEX_NAME,
+    MODEL_FILE_PATTERNS,
+    Checkpoint,
+    copy_model_files,
+    parameter_name,
+    stream_merge,
+)
+from apostate.results.record import write_record
 
 
 @dataclass

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..model.architecture import ResidualWriter
-from ..model.checkpoint_pages import checkpoint_mappings, drop_pages
-from ..progress import track
+from apostate.model.architecture import ResidualWriter
+from apostate.model.checkpoint_pages import checkpoint_mappings, drop_pages
+from apostate.progress import track
 
 INDEX_NAME = "model.safetensors.index.json"
 # Files besides weights and tokenizer that a model folder needs to load.

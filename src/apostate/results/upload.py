@@ -17,24 +17,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .. import __version__
-from ..errors import ApostateError, first_line
+from apostate import __version__
+from apostate.errors import ApostateError, first_line
+from apostate.results.upload_settings import UploadSettings
 
 LOGIN_HINT = "set HF_TOKEN to a token with write access, or run `hf auth login`"
 PROMPT_LOGIN_HINT = "type a token with write access, set HF_TOKEN, or run `hf auth login`"
 
 
-def check_before_loading(settings) -> None:
+def check_before_loading(settings: UploadSettings, method: str, edits_in_adapter: bool) -> None:
     """Refuse a headless upload that cannot work before any model is loaded: no repository name,
-    a name the hub's rules forbid, an adapter upload of a method no adapter can hold, no token."""
-    if not (settings.headless and "upload" in settings.actions):
-        return
-    check_repo_name(settings.upload.repo)
-    from ..methods import method_class
-
-    if settings.upload.export == "adapter" and not method_class(settings.method).edits_in_adapter:
+    a name the hub's rules forbid, an adapter upload of a `method` no adapter can hold, no token."""
+    check_repo_name(settings.repo)
+    if settings.export == "adapter" and not edits_in_adapter:
         raise ApostateError(
-            f"upload.export is 'adapter', but method '{settings.method}' edits full weights, which a LoRA "
+            f"upload.export is 'adapter', but method '{method}' edits full weights, which a LoRA "
             "adapter cannot hold; upload the merged model (upload.export = 'model') or use method 'ara-lora'"
         )
     if find_token() is None:

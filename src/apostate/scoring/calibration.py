@@ -7,8 +7,8 @@ import time
 
 import torch
 
-from ..decoding import CpuKernels, PromptSet
-from ..progress import console
+from apostate.decoding import CpuKernels, PromptSet
+from apostate.progress import console
 
 PREFIX_SAMPLE = 8  # prompts per side used to detect a common response prefix
 PREFIX_TOKENS = 12

@@ -4,19 +4,24 @@ harmful prompts are (refusals, real answers, broken text), as a judge counts the
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from ..decoding import CpuKernels, PromptSet
-from ..progress import track
-from ..prompts import Texts
-from .judges import MarkerJudge
-from .verdicts import Verdict, VerdictCounts
+from apostate.decoding import CpuKernels, PromptSet
+from apostate.progress import track
+from apostate.prompts import Texts
+from apostate.scoring.judges.markers import MarkerJudge
+from apostate.scoring.verdicts import Verdict, VerdictCounts
 
-if TYPE_CHECKING:
-    from ..settings import Settings
+
+@dataclass(frozen=True)
+class ScoringOptions:
+    """The run's settings a scorer reads."""
+
+    max_response_tokens: int  # tokens generated per response
+    refusal_markers: list[str]  # the marker judge's
+    reuse_responses: bool = True  # earlier trials' responses as speculative drafts
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,7 @@ def build_scorer(
     tokenizer,
     device,
     kernels: CpuKernels | None,
-    settings: Settings,
+    options: ScoringOptions,
     batch_size: int,
     texts: Texts,
     subset: str = "evaluation",
@@ -142,9 +147,9 @@ def build_scorer(
         batch_size,
         device,
         kernels,
-        reuse_responses=settings.reuse_responses,
+        reuse_responses=options.reuse_responses,
         nearness=harmless,
     )
     prompts = getattr(texts.prompts.harmful, subset)
-    judge = MarkerJudge(settings.refusal_markers)
-    return Scorer(harmless, harmful, prompts, judge, settings.max_response_tokens, subset)
+    judge = MarkerJudge(options.refusal_markers)
+    return Scorer(harmless, harmful, prompts, judge, options.max_response_tokens, subset)

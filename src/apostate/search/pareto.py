@@ -14,8 +14,9 @@ from pathlib import Path
 import optuna
 from rich.table import Table
 
-from ..progress import console
-from .study import completed
+from apostate.progress import console
+from apostate.search.study import completed
+from apostate.search.trial_record import TrialRecord
 
 
 @dataclass(frozen=True)
@@ -32,13 +33,13 @@ class BaseScores:
 
 def failures(trial: optuna.trial.FrozenTrial) -> int:
     """Harmful prompts the trial did not answer: refusals and broken responses (the first objective)."""
-    return trial.user_attrs["refusals"] + trial.user_attrs.get("broken", 0)
+    return TrialRecord.of(trial).failures
 
 
 def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Trials no other trial beats on both failure rate and KL, fewest failures first."""
     front = [t for t in study.best_trials if t.state == optuna.trial.TrialState.COMPLETE]
-    return sorted(front, key=lambda t: (failures(t), t.user_attrs["kl"]))
+    return sorted(front, key=lambda t: (failures(t), TrialRecord.of(t).kl))
 
 
 def judged_counts(study: optuna.Study, number: int | str) -> dict | None:
@@ -47,16 +48,16 @@ def judged_counts(study: optuna.Study, number: int | str) -> dict | None:
 
 
 def trial_record(trial: optuna.trial.FrozenTrial, judged: dict | None = None) -> dict:
-    attrs = trial.user_attrs
+    stored = TrialRecord.of(trial)
     record = {
         "number": trial.number,
-        "refusals": attrs["refusals"],
-        "broken": attrs.get("broken", 0),
-        "total": attrs["total"],
-        "refusal_rate": attrs["refusals"] / attrs["total"],
-        "kl": attrs["kl"],
-        "parameters": attrs["parameters"],
-        "seconds": attrs.get("seconds"),
+        "refusals": stored.refusals,
+        "broken": stored.broken,
+        "total": stored.total,
+        "refusal_rate": stored.refusals / stored.total,
+        "kl": stored.kl,
+        "parameters": stored.parameters,
+        "seconds": stored.seconds or None,
     }
     if judged:
         record["judged"] = judged
@@ -108,11 +109,11 @@ def print_front(study: optuna.Study, base: BaseScores) -> None:
     table.add_column("KL divergence", justify="right")
     table.add_column("Parameters")
     for trial in front:
-        attrs = trial.user_attrs
-        row = [str(trial.number), f"{attrs['refusals']}/{attrs['total']}", str(attrs.get("broken", 0))]
+        record = TrialRecord.of(trial)
+        row = [str(trial.number), f"{record.refusals}/{record.total}", str(record.broken)]
         if any(judged.values()):
             row.append(count_text(judged[trial.number]) if judged[trial.number] else "-")
-        table.add_row(*row, kl_text(attrs["kl"]), parameter_summary(attrs["parameters"]))
+        table.add_row(*row, kl_text(record.kl), parameter_summary(record.parameters))
     console.print(table)
 
 

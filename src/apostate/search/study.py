@@ -1,10 +1,10 @@
-"""The Optuna study of a run: its storage, the run folder's lock, resume, and the sampler.
+"""The Optuna study of a run: making or reopening it, the run folder's lock, resume, and the sampler.
 
 By default the study lives in `<run_dir>/study.journal` (Optuna's JournalStorage), which every
 finished trial is appended to at once, so Ctrl+C or a kill loses at most the trial in
 flight; running the same command again resumes, and a larger n_trials adds trials.
-With --storage it lives in a database that several workers share (storage.py).
-The trial loop itself is in trials.py.
+With --storage it lives in a database that several workers share (workers/). Which of the two a
+run has is chosen once (home.py); the trial loop itself is in trials.py.
 """
 
 from __future__ import annotations
@@ -24,21 +24,15 @@ from pathlib import Path
 import optuna
 from optuna.samplers import TPESampler
 from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
-from ..errors import ApostateError
-from ..progress import console
-from .storage import (
-    JOURNAL,
-    STORAGE_ERRORS,
-    STUDY_NAME,
-    journal_storage,
-    open_database,
-    open_for_reading,
-    study_location,
-    unreachable,
-)
+from apostate.errors import ApostateError
+from apostate.nested import changed_keys
+from apostate.progress import console
 
+JOURNAL = "study.journal"
+STUDY_NAME = "apostate"  # the journal's study (a shared study is named by --study-name)
 METRIC_NAMES = ["refused share", "KL divergence"]
 SET_TRIAL_STATE = 6  # the journal's op code for a trial's final state (Optuna's JournalOperation, not public)
 
@@ -89,71 +83,53 @@ def lock_actions(run_dir: Path):
         yield
 
 
-def open_study(settings, run_dir: Path, fingerprint: dict, measured: bool = False) -> optuna.Study:
-    """Create the run's study, or reopen it after checking it was made with the same settings.
-
-    Journal (no --storage): a study that holds no trial yet, in a run folder where nothing was
-    `measured` yet (a run that failed before its start-up measurements), takes the new settings:
-    nothing is lost. A shared study (--storage) takes its settings from the worker that measures
-    its start-up (search/shared_startup.py); here a worker whose settings differ is refused early.
-    """
-    url = settings.storage.get_secret_value() if settings.storage else None
-    if url is None:
-        repair_journal(run_dir / JOURNAL)
-        storage, name = journal_storage(run_dir), STUDY_NAME
-    else:
-        storage, name = open_database(url, settings.heartbeat_seconds), settings.study_name
-    try:
-        study = optuna.create_study(
-            study_name=name,
-            storage=storage,
-            directions=["minimize", "minimize"],  # refusal rate, KL divergence
-            load_if_exists=True,
-        )
-        if study.metric_names is None:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.set_metric_names(METRIC_NAMES)  # for optuna-dashboard
-        _check_fingerprint(study, fingerprint, url is None and not study.trials and not measured, run_dir)
-        if "seed" not in study.user_attrs:
-            study.set_user_attr("seed", settings.seed if settings.seed is not None else random.randrange(2**31))
-        if url is None:
-            _fail_abandoned_trials(study)
-        else:
-            optuna.storages.fail_stale_trials(study)  # those of workers that died while none was running
-    except STORAGE_ERRORS as error:
-        raise ApostateError(unreachable(url, error)) from None
-    study.sampler = _sampler(study, settings.n_startup_trials, shared=url is not None)
+def create_or_load(storage, name: str) -> optuna.Study:
+    """The study `name` in `storage`: made now (two objectives, their names), or as stored."""
+    study = optuna.create_study(
+        study_name=name,
+        storage=storage,
+        directions=["minimize", "minimize"],  # refusal rate, KL divergence
+        load_if_exists=True,
+    )
+    if study.metric_names is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(METRIC_NAMES)  # for optuna-dashboard
     return study
 
 
-def _check_fingerprint(study: optuna.Study, fingerprint: dict, replaceable: bool, run_dir: Path) -> None:
+def fingerprint_changes(study: optuna.Study, fingerprint: dict, replaceable: bool) -> str | None:
+    """The measured settings that differ from the study's (None: it may go on with these).
+
+    `replaceable`: nothing was measured with the stored settings, so these take their place. A
+    stored key that no setting of this method measures any more (directional's knobs in an ARA
+    study made before they had their own table) changes nothing, so it is not compared.
+    """
     stored = study.user_attrs.get("fingerprint")
+    if stored is not None:
+        stored = {key: value for key, value in stored.items() if key in fingerprint}
     if stored == fingerprint:
-        return
-    if stored is None or replaceable:  # replaceable: nothing was measured with the old settings
+        return None
+    if stored is None or replaceable:
         study.set_user_attr("fingerprint", fingerprint)
-        return
-    changed = ", ".join(sorted(k for k in set(stored) | set(fingerprint) if stored.get(k) != fingerprint.get(k)))
-    if isinstance(study._storage, JournalStorage):
-        raise ApostateError(
-            f"run folder {run_dir} holds a study made with other settings (changed: {changed}); "
-            "use the same settings to resume, or --run-dir for a new run"
-        )
-    raise ApostateError(
-        f"study {study.study_name} was made with other settings (changed: {changed}); "
-        "give this worker the study's settings, or another --study-name"
-    )
+        return None
+    return ", ".join(changed_keys(stored, fingerprint))
 
 
-def _sampler(study: optuna.Study, n_startup_trials: int, shared: bool) -> TPESampler:
+def remember_seed(study: optuna.Study, seed: int | None) -> None:
+    """The sampler's seed, kept in the study so that a resumed run draws from the same stream."""
+    if "seed" not in study.user_attrs:
+        study.set_user_attr("seed", seed if seed is not None else random.randrange(2**31))
+
+
+def tpe_sampler(study: optuna.Study, n_startup_trials: int, worker: str | None = None) -> TPESampler:
     """TPE with a fresh stream per process: a resumed study does not replay its first trials'
-    draws, and workers of a shared study draw apart. Workers also count each other's running
-    trials as if they had scored their worst (constant liar), so none proposes what another
-    is trying."""
+    draws. `worker`: one of several sharing the study, which draw apart and count each other's
+    running trials as if they had scored their worst (constant liar), so none proposes what
+    another is trying."""
     seed = study.user_attrs["seed"] + len(study.trials)
-    if shared:
-        seed += zlib.crc32(worker_name().encode())
+    if worker is not None:
+        seed += zlib.crc32(worker.encode())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # constant_liar
         return TPESampler(
@@ -161,25 +137,17 @@ def _sampler(study: optuna.Study, n_startup_trials: int, shared: bool) -> TPESam
             n_startup_trials=n_startup_trials,
             n_ei_candidates=64,
             seed=seed % 2**32,
-            constant_liar=shared,
+            constant_liar=worker is not None,
         )
+
+
+def journal_storage(run_dir: Path) -> JournalStorage:
+    return JournalStorage(JournalFileBackend(str(run_dir / JOURNAL)))
 
 
 def worker_name() -> str:
     """This process, as other workers see it."""
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def load_run_study(run_dir: Path, url: str | None = None, study_name: str | None = None) -> optuna.Study:
-    """A run folder's study as stored, for reading (no settings check, no sampler)."""
-    url, name = study_location(run_dir, url, study_name)
-    storage = journal_storage(run_dir) if url is None else open_for_reading(url)
-    try:
-        return optuna.load_study(study_name=name, storage=storage)
-    except KeyError:
-        raise ApostateError(f"the storage named by {run_dir} holds no study {name}") from None
-    except STORAGE_ERRORS as error:  # only a database's
-        raise ApostateError(unreachable(url, error)) from None
 
 
 def repair_journal(journal: Path) -> None:
@@ -227,7 +195,7 @@ def _is_finished_trial(line: bytes) -> bool:
     return record.get("op_code") == SET_TRIAL_STATE and record.get("state") in finished_states
 
 
-def _fail_abandoned_trials(study: optuna.Study) -> None:
+def fail_abandoned_trials(study: optuna.Study) -> None:
     """Trials left RUNNING by a killed process never finish; mark them failed (the run folder is locked)."""
     for trial in study.get_trials(deepcopy=False, states=[TrialState.RUNNING]):
         study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)

@@ -5,20 +5,21 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import optuna
 from optuna.trial import TrialState
 from torch import nn
 
-from ..methods import Method
-from ..methods.context import BrokenEdit
-from ..monitor import trim_free_memory
-from ..progress import console, track
-from ..scoring import Scorer, scores_line
-from .study import FINISHED, finished, worker_name
+from apostate.methods.context import BrokenEdit
+from apostate.methods.protocol import Method
+from apostate.monitor import trim_free_memory
+from apostate.progress import console, track
+from apostate.scoring.scorer import Scorer, scores_line
+from apostate.search.study import FINISHED, finished
+from apostate.search.trial_record import TrialRecord
 
 
 @dataclass
@@ -45,7 +46,7 @@ class TrialRunner:
         self.method.reset()
         timings["reset"] = time.perf_counter() - start
         parameters = self.method.suggest(trial)
-        trial.set_user_attr("parameters", self.method.describe(parameters))
+        TrialRecord.write(trial, parameters=self.method.describe(parameters))
         mark = time.perf_counter()
         try:
             self.method.apply(parameters)
@@ -56,7 +57,7 @@ class TrialRunner:
         edited = self.method.edited_layers()
         kl = self.scorer.kl(self.model, edited)
         timings["kl"] = time.perf_counter() - mark
-        trial.set_user_attr("kl", kl)
+        TrialRecord.write(trial, kl=kl)
         if not math.isfinite(kl) or kl > self.kl_cutoff:
             self._infeasible(trial, timings, start, f"KL {kl:.4g} above the cutoff {self.kl_cutoff}", kl)
         trial.set_constraint("kl_cutoff", kl - self.kl_cutoff)
@@ -65,17 +66,13 @@ class TrialRunner:
         timings["refusals"] = time.perf_counter() - mark
         trim_free_memory()
         timings["total"] = time.perf_counter() - start
-        trial.set_user_attr("refusals", counts.refusals)
-        trial.set_user_attr("broken", counts.broken)
-        trial.set_user_attr("total", counts.total)
-        trial.set_user_attr("seconds", timings)
+        TrialRecord.write(trial, refusals=counts.refusals, broken=counts.broken, total=counts.total, seconds=timings)
         return counts.failures / counts.total, kl
 
     @staticmethod
     def _infeasible(trial: optuna.Trial, timings: dict, start: float, reason: str, excess: float) -> None:
         timings["total"] = time.perf_counter() - start
-        trial.set_user_attr("seconds", timings)
-        trial.set_user_attr("infeasible", reason)
+        TrialRecord.write(trial, seconds=timings, infeasible=reason)
         trial.set_constraint("kl_cutoff", excess if math.isfinite(excess) and excess > 0 else 1e9)
         raise optuna.TrialPruned(reason)
 
@@ -85,21 +82,32 @@ class SurplusTrial(Exception):
     started the last one at the same moment): it is failed unrun, marked `surplus`."""
 
 
+Objective = Callable[[optuna.Trial], tuple[float, float]]
+
+
+class TrialGate(Protocol):
+    """When a trial may start, as the place the study lives says (search/home.py)."""
+
+    where: str  # where finished trials are kept, for messages
+
+    def objective(self, runner: Objective, n_trials: int) -> Objective: ...
+    def may_start_trial(self, study: optuna.Study, n_trials: int) -> bool: ...
+    def wait_for_others(self, study: optuna.Study, said: int) -> int: ...
+
+
 def run_trials(
     study: optuna.Study,
     runner: TrialRunner,
     n_trials: int,
     after_trial: Callable[[optuna.Study], None],
-    shared: bool = False,
-    poll_seconds: float = 5.0,
+    gate: TrialGate,
 ) -> bool:
     """Run trials until the study has `n_trials` finished ones (scored or infeasible).
     Returns False if interrupted.
 
-    `shared`: other workers run trials of the study too. A worker starts a trial only while the
-    finished and running ones fall short of `n_trials` (or one waits to be run again), then
-    waits for the others' running trials, failing stale ones (workers that died) so that their
-    retries are run: every worker returns when the study holds `n_trials` finished trials.
+    The `gate` says whether a trial may start now; where other workers run trials of the study
+    too, a worker that may not waits for their running trials (failing stale ones, so that their
+    retries are run): every worker returns when the study holds `n_trials` finished trials.
     """
     remaining = n_trials - len(finished(study))
     if remaining <= 0:
@@ -125,61 +133,28 @@ def run_trials(
                 after_trial(study)
             count_finished()
 
-        objective = _checked_for_surplus(runner, n_trials) if shared else runner
+        objective = gate.objective(runner, n_trials)
         waiting = 0  # other workers' running trials, as last said
         try:
             while count_finished() < n_trials:
-                if shared and not _trial_to_start(study, n_trials):
-                    waiting = _wait_for_others(study, poll_seconds, waiting)
+                if not gate.may_start_trial(study, n_trials):
+                    waiting = gate.wait_for_others(study, waiting)
                     continue
                 waiting = 0
                 study.optimize(objective, n_trials=1, callbacks=[callback], catch=(SurplusTrial,))
         except KeyboardInterrupt:
-            where = "in the study's storage" if shared else "in the run folder"
             console.print(
-                f"\n[yellow]Interrupted.[/] {len(finished(study))} finished trials are kept {where}; "
+                f"\n[yellow]Interrupted.[/] {len(finished(study))} finished trials are kept {gate.where}; "
                 "run the same command again to resume."
             )
             return False
     return True
 
 
-def _checked_for_surplus(runner: TrialRunner, n_trials: int) -> Callable[[optuna.Trial], tuple[float, float]]:
-    def objective(trial: optuna.Trial) -> tuple[float, float]:
-        counted = (TrialState.RUNNING, TrialState.WAITING, *FINISHED)
-        before = [t for t in trial.study.get_trials(deepcopy=False, states=counted) if t.number < trial.number]
-        if len(before) >= n_trials:
-            trial.set_user_attr("surplus", True)
-            raise SurplusTrial(f"the study had {n_trials} trials started before this one")
-        trial.set_user_attr("worker", worker_name())
-        return runner(trial)
-
-    return objective
-
-
-def _trial_to_start(study: optuna.Study, n_trials: int) -> bool:
-    """Whether a trial waits to be run again, or the study needs more than are finished and running."""
-    if study.get_trials(deepcopy=False, states=[TrialState.WAITING]):
-        return True
-    return len(study.get_trials(deepcopy=False, states=[TrialState.RUNNING, *FINISHED])) < n_trials
-
-
-def _wait_for_others(study: optuna.Study, seconds: float, said: int) -> int:
-    """Sleep while other workers run the study's last trials; say so when their number changes."""
-    running = len(study.get_trials(deepcopy=False, states=[TrialState.RUNNING]))
-    if running != said:
-        console.print(f"  Waiting for {running} trials running in other workers...")
-    time.sleep(seconds)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # a dead worker's trial, put back in the queue
-    return running
-
-
 def _print_trial(trial: optuna.trial.FrozenTrial) -> None:
-    attrs = trial.user_attrs
+    record = TrialRecord.of(trial)
     if trial.state == TrialState.PRUNED:
-        console.print(f"  Trial {trial.number:>3}: [yellow]infeasible[/] ({attrs.get('infeasible')})")
+        console.print(f"  Trial {trial.number:>3}: [yellow]infeasible[/] ({record.infeasible})")
         return
-    line = scores_line(attrs["refusals"], attrs["total"], attrs["kl"], attrs.get("broken", 0))
-    console.print(f"  Trial {trial.number:>3}: {line}  [dim]{attrs['seconds']['total']:.1f} s[/]")
+    line = scores_line(record.refusals, record.total, record.kl, record.broken)
+    console.print(f"  Trial {trial.number:>3}: {line}  [dim]{record.seconds['total']:.1f} s[/]")

@@ -10,19 +10,15 @@ output exactly as a full-width edit would, and leaves inputs never seen alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from ...decoding.batching import batches
-from ...model.adapter import Adapter
-from ...progress import console, track
-from .expert_captures import ExpertRecorder, expert_module
-
-if TYPE_CHECKING:
-    from ...prompts import Texts
-    from ...settings import Settings
+from apostate.decoding.batching import batches
+from apostate.methods.ara.expert_captures import ExpertRecorder, expert_module
+from apostate.methods.context import RunInputs
+from apostate.model.adapter import Adapter
+from apostate.progress import console, track
 
 
 @dataclass
@@ -142,29 +138,28 @@ def input_basis(inputs: Tensor, max_rank: int) -> Tensor:
     return right[:keep].float()
 
 
-def capture_for_fitting(
-    adapter: Adapter, tokenizer, device, settings: Settings, texts: Texts, batch_size: int
-) -> dict[CaptureKey, ModuleCapture]:
+def capture_for_fitting(inputs: RunInputs, method_name: str) -> dict[CaptureKey, ModuleCapture]:
     """Module inputs and outputs on the direction prompts, for methods fitted to them (ARA)."""
+    adapter = inputs.adapter
     linear, experts, skipped = capture_slots(adapter)
     for entry in skipped:
-        console.print(f"[yellow]* not edited by {settings.method}, experts of an unknown form:[/] {entry}")
+        console.print(f"[yellow]* not edited by {method_name}, experts of an unknown form:[/] {entry}")
     console.print("Capturing module inputs and outputs...")
-    inputs = {
+    captured = {
         side: capture_writer_inputs(
             adapter.model,
-            tokenizer,
+            inputs.tokenizer,
             adapter,
             linear + experts,
-            texts.of(side, "direction"),
-            batch_size,
-            device,
+            inputs.texts.of(side, "direction"),
+            inputs.batch_size,
+            inputs.device,
             f"capturing ({side})",
-            keep_on="cpu" if settings.activations_on == "cpu" else device,
+            keep_on=inputs.keep_activations_on,
         )
         for side in ("harmless", "harmful")
     }
-    return build_captures(adapter, inputs["harmless"], inputs["harmful"], settings.ara.basis_rank)
+    return build_captures(adapter, captured["harmless"], captured["harmful"], inputs.settings.basis_rank)
 
 
 def capture_summary(captures: dict[CaptureKey, ModuleCapture]) -> dict[str, list[float]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ...model.adapter import AdapterSlot
+from apostate.model.adapter import AdapterSlot
 
 
 def expert_module(slot: AdapterSlot) -> nn.Module | None:

@@ -13,20 +13,17 @@ and copied back on reset, so trials never reload the model. Full precision only:
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from ...errors import ApostateError
-from ...model.architecture import WriterEdit, stacked_output_dim
-from ..context import MethodContext
-from .objective import fit
-from .shared import AraMethodBase, AraParameters
-
-if TYPE_CHECKING:
-    from ...model.adapter import AdapterSlot
-    from ...settings import Settings
+from apostate.errors import ApostateError
+from apostate.methods.ara.objective import fit
+from apostate.methods.ara.settings import AraSettings
+from apostate.methods.ara.shared import AraMethodBase, AraParameters
+from apostate.methods.context import MethodContext
+from apostate.model.adapter import AdapterSlot
+from apostate.model.architecture import WriterEdit, stacked_output_dim
 
 
 class AraMethod(AraMethodBase):
@@ -37,14 +34,14 @@ class AraMethod(AraMethodBase):
     edits_in_adapter = False  # full-rank edits live in the weights; only a merged export can hold them
 
     def __init__(self, context: MethodContext):
-        if context.settings.quantization != "none":
+        if context.quantized:
             raise ApostateError("method 'ara' edits full-precision weights; on a quantized model use method 'ara-lora'")
         super().__init__(context)
         self.originals: dict[int, Tensor] = {}  # slot index -> untouched parameter (model dtype)
         self.edits: dict[tuple[int, int], Tensor] = {}  # (slot, expert) -> ΔW (out, in), float32, CPU
 
     @staticmethod
-    def adapter_rank(settings: Settings) -> int:
+    def adapter_rank(settings: AraSettings) -> int:
         return 1  # the adapter stays zero; edits go into the weights
 
     def reset(self) -> None:
@@ -61,7 +58,7 @@ class AraMethod(AraMethodBase):
                 self.objective(capture, parameters),
                 [coefficients],
                 lambda coords, c=coefficients: coords @ c.T,
-                self.settings.ara.lbfgs_steps,
+                self.settings.lbfgs_steps,
             )
             self.originals.setdefault(index, self._parameter(index).detach().clone())
             original = self._oriented(self.originals[index], slot, expert)

@@ -11,16 +11,12 @@ export merges the same factors into full-precision weights.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
-from .objective import fit
-from .shared import AraMethodBase, AraParameters
-
-if TYPE_CHECKING:
-    from ...settings import Settings
+from apostate.methods.ara.objective import fit
+from apostate.methods.ara.settings import AraSettings
+from apostate.methods.ara.shared import AraMethodBase, AraParameters
 
 
 class AraLoraMethod(AraMethodBase):
@@ -30,11 +26,11 @@ class AraLoraMethod(AraMethodBase):
     edits_in_adapter = True
 
     @staticmethod
-    def adapter_rank(settings: Settings) -> int:
-        return settings.ara.lora_rank
+    def adapter_rank(settings: AraSettings) -> int:
+        return settings.lora_rank
 
     def apply(self, parameters: AraParameters) -> None:
-        rank = self.settings.ara.lora_rank
+        rank = self.settings.lora_rank
         factors: dict[int, tuple[Tensor, Tensor]] = {}  # slot index -> (A, B) over all its experts
         for index, expert, slot, capture in self.selected(parameters):
             k = capture.basis.shape[0]
@@ -46,7 +42,7 @@ class AraLoraMethod(AraMethodBase):
                 self.objective(capture, parameters),
                 [a, b],
                 lambda coords, a=a, b=b: coords @ a.T @ b.T,
-                self.settings.ara.lbfgs_steps,
+                self.settings.lbfgs_steps,
             )
             if index not in factors:
                 experts, out_features, in_features = slot.shape

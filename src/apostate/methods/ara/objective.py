@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .captures import ModuleCapture
+from apostate.methods.ara.captures import ModuleCapture
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from ..ranges import RangeModel, range_field
+from apostate.methods.ranges import RangeModel, range_field
 
 
 class AraSettings(RangeModel):

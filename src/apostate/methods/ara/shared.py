@@ -5,19 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from ...model.adapter import AdapterSlot
-from ..adapter_edits import AdapterEdits
-from ..context import BrokenEdit, MethodContext
-from .captures import ModuleCapture
-from .objective import Objective, ObjectiveWeights
-
-if TYPE_CHECKING:
-    from ...settings import Settings
+from apostate.methods.adapter_edits import AdapterEdits
+from apostate.methods.ara.captures import ModuleCapture, capture_for_fitting, capture_summary
+from apostate.methods.ara.objective import Objective, ObjectiveWeights
+from apostate.methods.ara.settings import AraSettings
+from apostate.methods.context import BrokenEdit, MethodContext, RunInputs
+from apostate.model.adapter import AdapterSlot
 
 
 @dataclass(frozen=True)
@@ -37,8 +34,7 @@ class AraParameters:
         }
 
 
-def suggest(trial, settings: Settings, n_layers: int) -> AraParameters:
-    ara = settings.ara
+def suggest(trial, ara: AraSettings, n_layers: int) -> AraParameters:
     last = n_layers - 1
     start = trial.suggest_float("layer_start", ara.layer_start[0] * last, ara.layer_start[1] * last)
     span = trial.suggest_float("layer_span", ara.layer_span[0] * last, ara.layer_span[1] * last)
@@ -58,13 +54,23 @@ def suggest(trial, settings: Settings, n_layers: int) -> AraParameters:
 class AraMethodBase(AdapterEdits):
     """Fits each selected module's edit; subclasses say how an edit is parametrized and stored."""
 
+    preparation = "capture module activations"
+
     def __init__(self, context: MethodContext):
         self.context = context
         self.adapter = context.adapter
-        self.settings = context.settings
+        self.settings: AraSettings = context.settings
         self.n_layers = context.n_layers
+        self.captures: dict[tuple[int, int], ModuleCapture] = context.prepared  # (slot, expert) -> capture
 
-    needs_captures = True
+    @classmethod
+    def prepare(cls, inputs: RunInputs) -> dict[tuple[int, int], ModuleCapture]:
+        """What ARA fits to: each writer's inputs and outputs on the direction prompts (captures.py)."""
+        return capture_for_fitting(inputs, cls.name)
+
+    @staticmethod
+    def prepared_summary(prepared: dict[tuple[int, int], ModuleCapture]) -> dict:
+        return capture_summary(prepared)
 
     def suggest(self, trial) -> AraParameters:
         return suggest(trial, self.settings, self.n_layers)
@@ -72,9 +78,12 @@ class AraMethodBase(AdapterEdits):
     def describe(self, parameters: AraParameters) -> dict:
         return parameters.as_dict()
 
+    def layer_profile(self, parameters: AraParameters) -> dict:
+        return {"layers": [parameters.first_layer, parameters.last_layer]}
+
     def selected(self, parameters: AraParameters) -> Iterator[tuple[int, int, AdapterSlot, ModuleCapture]]:
         """(slot index, expert, slot, capture) of every module the trial edits (a Linear is expert 0)."""
-        for (index, expert), capture in self.context.captures.items():
+        for (index, expert), capture in self.captures.items():
             writer = self.adapter.slots[index].writer
             if (
                 writer.component in self.context.components
@@ -83,11 +92,11 @@ class AraMethodBase(AdapterEdits):
                 yield index, expert, self.adapter.slots[index], capture
 
     def objective(self, capture: ModuleCapture, parameters: AraParameters) -> Objective:
-        return Objective(capture, parameters.weights, self.settings.ara.objective)
+        return Objective(capture, parameters.weights, self.settings.objective)
 
     def cap(self, edit_norm: Tensor, weight_norm: Tensor) -> float:
         """Trust-region factor for an edit (1 inside the region); raises BrokenEdit if non-finite."""
         if not torch.isfinite(edit_norm):
             raise BrokenEdit("the fitted edit is not finite")
-        limit = self.settings.ara.max_relative_edit * weight_norm
+        limit = self.settings.max_relative_edit * weight_norm
         return min(1.0, float(limit / edit_norm.clamp_min(1e-30)))

@@ -26,21 +26,17 @@ in the x·W convention of the write-ups), with norm n_j:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ...directions.refusal import direction_at
-from ...model.adapter import Adapter
-from ..adapter_edits import AdapterEdits
-from ..context import MethodContext
-from .settings import SearchSpace
-from .weight_kernel import WeightKernel
-
-if TYPE_CHECKING:
-    from ...settings import Settings
+from apostate.directions.refusal import direction_at
+from apostate.methods.adapter_edits import AdapterEdits
+from apostate.methods.context import MethodContext
+from apostate.methods.directional.settings import DirectionalSettings, SearchSpace
+from apostate.methods.directional.weight_kernel import WeightKernel
+from apostate.model.adapter import Adapter
 
 
 @dataclass(frozen=True)
@@ -108,19 +104,27 @@ class DirectionalMethod(AdapterEdits):
     edited layers: the adapter's, see AdapterEdits)."""
 
     name = "directional"
-    needs_captures = False
     edits_in_adapter = True
+    preparation = None  # the refusal directions are all it needs
 
     def __init__(self, context: MethodContext):
         self.adapter = context.adapter
         self.directions = context.directions
-        self.settings = context.settings
+        self.settings: DirectionalSettings = context.settings
         self.n_layers = context.n_layers
         self.components = context.components
 
     @staticmethod
-    def adapter_rank(settings: Settings) -> int:
+    def adapter_rank(settings: DirectionalSettings) -> int:
         return settings.full_normalization_rank if settings.row_normalization == "full" else 1
+
+    @staticmethod
+    def prepare(inputs) -> None:
+        return None
+
+    @staticmethod
+    def prepared_summary(prepared) -> dict:
+        return {}
 
     def suggest(self, trial) -> DirectionalParameters:
         return suggest(trial, self.settings.search, self.n_layers, self.components)
@@ -131,6 +135,11 @@ class DirectionalMethod(AdapterEdits):
 
     def describe(self, parameters: DirectionalParameters) -> dict:
         return parameters.as_dict()
+
+    def layer_profile(self, parameters: DirectionalParameters) -> dict:
+        layers = range(self.n_layers)
+        weights = {c: [kernel.weight_at(layer) for layer in layers] for c, kernel in parameters.kernels.items()}
+        return {"weights": weights}
 
 
 def ablation_factors(

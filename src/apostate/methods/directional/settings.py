@@ -1,12 +1,13 @@
-"""The ranges directional ablation samples its trial parameters from, nested as `[search]`."""
+"""Settings of directional ablation, nested as `[directional]`: how the edit is normalized, and the
+ranges its trial parameters are sampled from (`[directional.search]`)."""
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
-from ..ranges import RangeModel, range_field
+from apostate.methods.ranges import RangeModel, range_field
 
 
 class SearchSpace(RangeModel):
@@ -15,7 +16,7 @@ class SearchSpace(RangeModel):
     Layer positions are fractions of the last layer index, so one config fits any depth.
     """
 
-    range_prefix: ClassVar[str] = "search."
+    range_prefix: ClassVar[str] = "directional.search."
 
     direction_index: tuple[float, float] = range_field(
         0.4, 0.9, "Range of the refusal-direction index, as fractions of the last layer index.", ge=0.0, le=1.0
@@ -36,3 +37,18 @@ class SearchSpace(RangeModel):
     per_layer_directions: bool = Field(
         default=True, description="Let the optimizer choose per-layer directions instead of one global direction."
     )
+
+
+class DirectionalSettings(RangeModel):
+    """Directional ablation's knobs: only runs of `directional` measure them."""
+
+    range_prefix: ClassVar[str] = "directional."
+
+    row_normalization: Literal["none", "pre", "full"] = Field(
+        default="full",
+        description="'none': plain projection; 'pre': edit relative to unit-norm rows; 'full': also restore row norms (norm-preserving).",
+    )
+    full_normalization_rank: int = Field(
+        default=3, ge=1, description="LoRA rank approximating the 'full' row-normalized edit."
+    )
+    search: SearchSpace = Field(default_factory=SearchSpace, description="Parameter ranges of the search.")

@@ -7,7 +7,7 @@ import hashlib
 import sqlite3
 from pathlib import Path
 
-from ..verdicts import Verdict
+from apostate.scoring.verdicts import Verdict
 
 
 class VerdictCache:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
-from ...errors import ApostateError, first_line
-from ..verdicts import Verdict
-from .rubric import judge_messages, parse_label
+from apostate.errors import ApostateError, first_line
+from apostate.scoring.judges.rubric import judge_messages, parse_label
+from apostate.scoring.verdicts import Verdict
 
 REPLY_TOKENS = 4
 

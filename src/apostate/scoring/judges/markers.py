@@ -11,8 +11,8 @@ from __future__ import annotations
 import hashlib
 import re
 
-from ..degeneration import broken_reason
-from ..verdicts import Verdict
+from apostate.scoring.degeneration import broken_reason
+from apostate.scoring.verdicts import Verdict
 
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'", "\u00b4": "'"})
 _MARKDOWN = re.compile(r"[*_#>~|]+")

@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import torch
 
-from ...decoding import PromptSet
-from ...errors import ApostateError
-from ..verdicts import Verdict
-from .rubric import CONTENT_FREE, LABELS, judge_messages
+from apostate.decoding import PromptSet
+from apostate.errors import ApostateError
+from apostate.scoring.judges.rubric import CONTENT_FREE, LABELS, judge_messages
+from apostate.scoring.verdicts import Verdict
 
 
 class ModelJudge:

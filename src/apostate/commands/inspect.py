@@ -19,19 +19,17 @@ from rich import box
 from rich.table import Table
 from torch import Tensor
 
-from ..decoding import CpuKernels
-from ..decoding.kernel_timing import read_kernel_choices
-from ..errors import ApostateError, first_line
-from ..model.loading import check_model, load_tokenizer
-from ..model.sources import ModelSource, resolve_source
-from ..pipeline import KERNELS_FILE, run_dir_for
-from ..progress import can_ask, console
-from ..prompts import PromptSplits, Texts, load_prompt_splits
-from ..search.startup import CACHE_FILE, load_for_trials, measure_response_prefix, read_startup
-from ..settings import OneLineArgumentParser, Settings, parse_command_line
-from .geometry import LayerGeometry, best_layer, layer_geometry
-from .plots import PROJECTIONS, check_projection, plot_geometry, plot_projections
-from .residuals import prompt_residuals
+from apostate.config_sources import OneLineArgumentParser
+from apostate.directions.geometry import LayerGeometry, best_layer, layer_geometry
+from apostate.directions.plots import PROJECTIONS, check_projection, plot_geometry, plot_projections
+from apostate.directions.residuals import prompt_residuals
+from apostate.errors import ApostateError, first_line
+from apostate.model.sources import ModelSource
+from apostate.progress import console
+from apostate.prompts import PromptSplits, Texts, load_prompt_splits
+from apostate.session import open_model, open_source, run_dir_for
+from apostate.settings import Settings, parse_command_line
+from apostate.startup.measure import CACHE_FILE, measure_response_prefix, read_startup
 
 DEFAULT_BATCH_SIZE = 8  # where --batch-size is 0 (automatic): inspect does not search one
 SIDES = ("harmless", "harmful")
@@ -76,8 +74,7 @@ def main(argv: list[str]) -> int:
     for side in SIDES:
         if getattr(settings, side).direction_count < 2:
             raise ApostateError(f"inspect needs at least 2 {side} direction prompts; raise --{side}.direction-count")
-    source = resolve_source(settings.model, settings.model_revision, settings.cache_path())
-    settings = check_model(source, settings, can_ask(settings.headless))
+    source, settings = open_source(settings.model, settings.model_revision, settings)
     run_dir = run_dir_for(settings, source)
     output = options.output or run_dir / "inspect"
     if output.exists() and not output.is_dir():
@@ -112,11 +109,12 @@ def _settings(args: list[str]) -> Settings:
     except (FileNotFoundError, ValueError) as error:
         raise ApostateError(first_line(error)) from None
     except ApostateError as error:  # a mistyped flag of inspect's own reaches the settings parser
-        unknown = re.findall(r"(--[\w.-]+)", str(error)) if "unrecognized arguments" in str(error) else []
+        # The settings parser's own hint (a setting's flag) is dropped where inspect has a closer flag.
+        message = str(error).partition(";")[0].partition(" (did you mean")[0]
+        unknown = re.findall(r"(--[\w.-]+)", message) if "unrecognized arguments" in message else []
         close = [match for flag in unknown for match in difflib.get_close_matches(flag, OWN_FLAGS, n=1)]
         if not close:
             raise
-        message = str(error).partition(";")[0]
         raise ApostateError(f"{message} (did you mean {', '.join(close)}?); apostate inspect --help") from None
 
 
@@ -126,10 +124,8 @@ def collect_residuals(
     """Every direction prompt's last-token residuals, per side, with the model loaded, the texts
     rendered and the response prefix chosen as a run does them (the prefix a run stored in the
     run folder where it matches these settings)."""
-    console.print(f"Loading model [bold]{source.name}[/]...")
-    tokenizer = load_tokenizer(source, settings)
-    kernels = CpuKernels(read_kernel_choices(run_dir / KERNELS_FILE))
-    loaded = load_for_trials(source, settings, tokenizer, kernels)
+    opened = open_model(source, settings, run_dir, edit=False)
+    tokenizer, kernels, loaded = opened.tokenizer, opened.kernels, opened.loaded
     try:
         batch_size = settings.batch_size or DEFAULT_BATCH_SIZE
         key = {

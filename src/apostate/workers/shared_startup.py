@@ -6,13 +6,13 @@ What is shared, as one Optuna artifact kept in the study's own storage (study_ar
 the batch size, the response prefix, the refusal directions, and the base model's first-token
 log-probabilities, refusal count and responses. Its sha256, the worker identity it was
 measured with (model, revision, prompt splits' sha256, trial-relevant settings) and the
-dtype are the study's `startup` attribute; for ARA, the first worker to have captured its
-activations puts their summary in the study's `captures` attribute.
+dtype are the study's `startup` attribute; the first worker to have prepared what its method
+prepares once (Method.prepare) puts its summary in the study's `prepared` attribute.
 
 A joining worker is refused, in one line, when its identity or dtype differs; when its own
 base model's first-token distributions differ from the study's (KL above BASE_KL_TOLERANCE:
-another file under the same name); or when its own ARA captures differ (each worker captures
-its own: they are large, and the summary is enough to check them).
+another file under the same name); or when its own preparation differs (each worker prepares
+its own: it is large, and the summary is enough to check it).
 """
 
 from __future__ import annotations
@@ -28,17 +28,18 @@ import optuna
 import torch
 from optuna.artifacts import download_artifact, upload_artifact
 
-from ..errors import ApostateError
-from ..progress import console
-from ..scoring.scorer import kl_divergence
-from .startup import Startup, read_startup, write_startup
-from .startup_lock import StartupLock
-from .storage import GRACE_BEATS
-from .study import worker_name
-from .study_artifacts import StudyArtifactStore
+from apostate.errors import ApostateError
+from apostate.nested import changed_keys
+from apostate.progress import console
+from apostate.scoring.scorer import kl_divergence
+from apostate.search.study import worker_name
+from apostate.startup.measure import Startup, read_startup, write_startup
+from apostate.workers.startup_lock import StartupLock
+from apostate.workers.storage import GRACE_BEATS
+from apostate.workers.study_artifacts import StudyArtifactStore
 
 BASE_KL_TOLERANCE = 1e-3  # first-token KL between a worker's base model and the study's
-CAPTURE_TOLERANCE = 1e-2  # relative, on the capture summary's norms
+PREPARED_TOLERANCE = 1e-2  # relative, on the numbers of the method's summary
 POLL_SECONDS = 2.0
 
 
@@ -52,28 +53,7 @@ def worker_identity(settings, source, prompts) -> dict:
     }
 
 
-class LocalStartup:
-    """A run with its own study (the journal): everything is measured here, nothing is shared."""
-
-    startup: Startup | None = None
-
-    def join(self, dtype: str) -> None:
-        pass
-
-    def check_base(self, own_logprobs: Callable[[], torch.Tensor]) -> None:
-        pass
-
-    def check_captures(self, captures) -> None:
-        pass
-
-    def publish(self, startup: Startup) -> None:
-        pass
-
-    def release(self) -> None:
-        pass
-
-
-class SharedStartup(LocalStartup):
+class SharedStartup:
     """The start-up of a shared study: `join` either takes the lock (then `startup` stays None:
     measure, then `publish`) or waits for the study's and fetches it into `startup`."""
 
@@ -86,6 +66,7 @@ class SharedStartup(LocalStartup):
         self.lock = StartupLock(study._storage, study.study_name, self.worker, beat_seconds, grace)
         self.dtype: str | None = None
         self.record: dict | None = None  # the study's, when this worker joined it
+        self.startup: Startup | None = None  # the study's, fetched (None: this worker measures it)
 
     def join(self, dtype: str) -> None:
         self.dtype = dtype
@@ -128,7 +109,7 @@ class SharedStartup(LocalStartup):
         console.print(f"* Start-up quantities from the study (measured by worker {record['worker']})")
 
     def _check(self, record: dict) -> None:
-        differ = _differences(record["identity"], self.identity)
+        differ = changed_keys(record["identity"], self.identity)
         if record["dtype"] != self.dtype:
             differ.append(f"dtype {self.dtype} (the study's: {record['dtype']})")
         if differ:
@@ -151,27 +132,27 @@ class SharedStartup(LocalStartup):
             )
         console.print(f"* This worker's base model agrees with the study's (first-token KL {kl:.2g})")
 
-    def check_captures(self, captures) -> None:
-        """ARA's captured activations: the first worker to have them puts their summary in the study,
-        and every later one checks its own against it (each worker captures its own: they are large)."""
-        from ..methods.ara.captures import capture_summary
-
-        mine = capture_summary(captures)
-        stored = self.study.user_attrs.get("captures")
-        if stored is None:
-            self.study.set_user_attr("captures", mine)
+    def check_prepared(self, summary: dict) -> None:
+        """What the method prepared once for the run, as its summary (Method.prepared_summary):
+        the first worker to have it puts it in the study, and every later one checks its own
+        against it (each worker prepares its own: it is large)."""
+        if not summary:
             return
-        worst = _worst_relative_difference(stored, mine)
-        if worst > CAPTURE_TOLERANCE:
+        stored = self.study.user_attrs.get("prepared")
+        if stored is None:
+            self.study.set_user_attr("prepared", summary)
+            return
+        worst = _worst_relative_difference(stored, summary)
+        if worst > PREPARED_TOLERANCE:
             raise ApostateError(
-                f"this worker's captured activations differ from study {self.study.study_name}'s (by {worst:.3g} "
+                f"this worker's prepared activations differ from study {self.study.study_name}'s (by {worst:.3g} "
                 f"relative): another model file or revision under the same name; give it the study's model"
             )
-        console.print(f"* This worker's captured activations agree with the study's (within {worst:.2g})")
+        console.print(f"* This worker's prepared activations agree with the study's (within {worst:.2g})")
 
     def publish(self, startup: Startup) -> None:
         """Put the measured start-up in the study, then let the waiting workers go (before this
-        worker's own ARA captures: theirs need not wait for it)."""
+        worker's own method preparation: theirs need not wait for it)."""
         if self.record is not None:
             return
         buffer = io.BytesIO()
@@ -199,17 +180,6 @@ class SharedStartup(LocalStartup):
 
     def release(self) -> None:
         self.lock.release()
-
-
-def _differences(stored: dict, mine: dict, prefix: str = "") -> list[str]:
-    names = []
-    for key in sorted(set(stored) | set(mine)):
-        a, b = stored.get(key), mine.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            names += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            names.append(f"{prefix}{key}")
-    return names
 
 
 def _worst_relative_difference(stored: dict[str, list[float]], mine: dict[str, list[float]]) -> float:

@@ -2,7 +2,7 @@
 URL Optuna takes (`--storage`; PostgreSQL is the tested one), where several workers share it.
 
 A storage URL may hold a password: it is shown and recorded only with the password masked
-(`shown`). The run folder records the masked URL and the study name in `storage.json`, so
+(`masked_url`). The run folder records the masked URL and the study name in `storage.json`, so
 that `apostate report RUN_DIR` finds the study again (the password then comes from
 PGPASSWORD or ~/.pgpass, as for any libpq client, or from `--storage`).
 """
@@ -18,14 +18,12 @@ from pathlib import Path
 
 import optuna
 import sqlalchemy.exc
-from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from sqlalchemy.engine import make_url
 
-from ..errors import ApostateError, first_line
+from apostate.errors import ApostateError, first_line
+from apostate.search.study import JOURNAL, STUDY_NAME
 
-JOURNAL = "study.journal"
-STUDY_NAME = "apostate"  # the journal's study (a shared study is named by --study-name)
 RECORD = "storage.json"
 GRACE_BEATS = 4  # a trial whose worker missed this many heartbeats is failed and run again
 TABLE_RACE_ATTEMPTS = 3
@@ -38,10 +36,6 @@ STORAGE_ERRORS = (
     sqlalchemy.exc.InterfaceError,
     optuna.exceptions.StorageInternalError,
 )
-
-
-def journal_storage(run_dir: Path) -> JournalStorage:
-    return JournalStorage(JournalFileBackend(str(run_dir / JOURNAL)))
 
 
 def database_url(url: str) -> str:
@@ -57,7 +51,7 @@ def database_url(url: str) -> str:
     return parsed.set(drivername=driver).render_as_string(hide_password=False) if driver else url
 
 
-def shown(url: str) -> str:
+def masked_url(url: str) -> str:
     """The URL with its password masked: what may be printed or written."""
     try:
         return make_url(url).render_as_string(hide_password=True)
@@ -83,9 +77,9 @@ def open_database(url: str, heartbeat_seconds: int) -> WorkerStorage:
     except ImportError as error:  # Optuna's, around the driver's ModuleNotFoundError
         raise ApostateError(_no_driver(error)) from None
     except sqlalchemy.exc.NoSuchModuleError:
-        raise ApostateError(f"--storage {shown(url)}: SQLAlchemy knows no such database kind") from None
+        raise ApostateError(f"--storage {masked_url(url)}: SQLAlchemy knows no such database kind") from None
     except STORAGE_ERRORS as error:
-        raise ApostateError(unreachable(url, error)) from None
+        raise ApostateError(unreachable_message(url, error)) from None
 
 
 def _with_tables(connect: str, heartbeat_seconds: int) -> WorkerStorage:
@@ -128,14 +122,14 @@ def _reason(error: BaseException) -> str:
         error = inner
 
 
-def unreachable(url: str, error: Exception) -> str:
+def unreachable_message(url: str, error: Exception) -> str:
     reason = _reason(error)
-    return f"cannot reach the study's storage {shown(url)} ({reason}); check that the database runs and the URL"
+    return f"cannot reach the study's storage {masked_url(url)} ({reason}); check that the database runs and the URL"
 
 
-def lost(url: str, error: Exception) -> str:
+def lost_message(url: str, error: Exception) -> str:
     return (
-        f"lost the connection to the study's storage {shown(url)} ({_reason(error)}); the finished trials are "
+        f"lost the connection to the study's storage {masked_url(url)} ({_reason(error)}); the finished trials are "
         "kept there: run the same command again when the database is back"
     )
 
@@ -176,4 +170,4 @@ def open_for_reading(url: str) -> RDBStorage:
     except ImportError as error:  # Optuna's, around the driver's ModuleNotFoundError
         raise ApostateError(_no_driver(error)) from None
     except STORAGE_ERRORS as error:
-        raise ApostateError(unreachable(url, error)) from None
+        raise ApostateError(unreachable_message(url, error)) from None

@@ -5,22 +5,25 @@ the size of the edit per layer and component, and response pairs (base model, ch
 from __future__ import annotations
 
 import torch
+from optuna.trial import FixedTrial
 
-from ..decoding.generation import generate_plain
-from ..progress import console
+from apostate.decoding.generation import generate_plain
+from apostate.progress import console
+from apostate.session import Session
 
 SAMPLE_COUNT = 3  # prompts per side
 SAMPLE_TOKENS = 96  # long enough to see what an answer is, short enough to stay cheap
 
 
-def record_chosen(session, trial) -> None:
+def record_chosen(session: Session, trial) -> None:
     """Store the chosen trial's edit profile and response pairs in the study."""
     console.print("Writing down the chosen trial's edit and a few responses for the report...")
     pairs = response_pairs(session, trial)  # resets the model, then restores the trial
     chosen = {
         "number": trial.number,
         "pick_max_kl": session.settings.pick_max_kl,
-        "edit_norms": edit_norms(session.method.deltas(), session.architecture.n_layers),
+        "edit_norms": edit_norms(session.method.deltas(), session.opened.architecture.n_layers),
+        "layer_profile": session.method.layer_profile(session.method.suggest(FixedTrial(trial.params))),
         "samples": pairs,
     }
     session.study.set_user_attr("chosen", chosen)
@@ -37,7 +40,7 @@ def edit_norms(deltas, n_layers: int) -> dict[str, list[float]]:
     return {component: [value**0.5 for value in values] for component, values in sorted(squares.items())}
 
 
-def response_pairs(session, trial) -> list[dict]:
+def response_pairs(session: Session, trial) -> list[dict]:
     """The base model's and the trial's responses to the first few held-out prompts of each side
     (evaluation prompts where there are no held-out ones)."""
     texts, prompts = session.texts, session.texts.prompts
@@ -62,7 +65,7 @@ def response_pairs(session, trial) -> list[dict]:
     ]
 
 
-def _generate(session, templated: list[str]) -> list[str]:
+def _generate(session: Session, templated: list[str]) -> list[str]:
     loaded = session.loaded
     batch_size = session.startup.batch_size
     return generate_plain(session.model, loaded.tokenizer, templated, SAMPLE_TOKENS, batch_size, loaded.device)

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from ..errors import ApostateError
-from ..model.chat_template import check_rendering
-from ..progress import console, warn
-from ..prompts import PromptSplit, PromptSplits, Texts
-from ..settings import Settings
-from .check_settings import StartupChecks
+from apostate.errors import ApostateError
+from apostate.model.chat_template import check_rendering
+from apostate.progress import console, warn
+from apostate.prompts import PromptSplit, PromptSplits, Texts
+from apostate.settings import Settings
+from apostate.startup.check_settings import StartupChecks
 
 SUBSETS = ("direction", "evaluation", "heldout")
 PREFIX_WARN_TOKENS = 6  # a template's preamble ("<think></think>", "Assistant:") is shorter than this

@@ -13,14 +13,16 @@ from collections.abc import Iterable
 
 import optuna
 
-from ..progress import console
-from ..scoring.verdicts import VerdictCounts
-from .pareto import judged_counts, pareto_trials
+from apostate.progress import console
+from apostate.scoring.verdicts import VerdictCounts
+from apostate.search.pareto import judged_counts, pareto_trials
+from apostate.session import Session
 
 
-def judge_front(session, judge, extra: Iterable[optuna.trial.FrozenTrial] = ()) -> None:
-    """Judge the base model, the Pareto trials and `extra` trials (the chosen one), where not done yet."""
-    study = session.study
+def judge_front(session: Session, extra: Iterable[optuna.trial.FrozenTrial] = ()) -> None:
+    """Judge the base model, the Pareto trials and `extra` trials (the chosen one) with the
+    session's judge, where not done yet."""
+    study, judge = session.study, session.judge
     wanted = {t.number: t for t in [*pareto_trials(study), *extra]}
     todo = [t for number, t in sorted(wanted.items()) if not _done(study, number, judge.name)]
     if not todo and _done(study, "base", judge.name):
@@ -37,7 +39,7 @@ def judge_front(session, judge, extra: Iterable[optuna.trial.FrozenTrial] = ()) 
     session.method.reset()
 
 
-def _judged(session, judge, edited_layers: set[int] | None) -> dict:
+def _judged(session: Session, judge, edited_layers: set[int] | None) -> dict:
     scorer = session.scorer
     responses = scorer.responses(session.model, early_stop=False, edited_layers=edited_layers)
     counts = VerdictCounts.of(judge.verdicts(scorer.harmful_prompts, responses))

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..progress import console
-from ..search.study import load_run_study
-from ..settings import OneLineArgumentParser
-from .build import build_report
+from apostate.config_sources import OneLineArgumentParser
+from apostate.progress import console
+from apostate.report.build import build_report
+from apostate.search.reading import load_run_study
 
 
 def main(argv: list[str]) -> int:

@@ -15,18 +15,16 @@ from typing import BinaryIO
 import torch
 from torch import Tensor
 
-from ..decoding import CpuKernels
-from ..directions.refusal import direction_agreement, refusal_directions
-from ..directions.residuals import residual_means
-from ..model.loading import LoadedModel, load_model
-from ..model.sources import ModelSource
-from ..progress import console, warn
-from ..prompts import PromptSplits, Texts
-from ..scoring import build_scorer
-from ..scoring.calibration import PREFIX_SAMPLE, common_response_prefix, find_batch_size, sample_responses
-from ..scoring.judges.markers import MarkerJudge
-from ..settings import Settings
-from .startup_checks import base_findings, direction_findings, prefix_findings
+from apostate.decoding import CpuKernels
+from apostate.directions.refusal import direction_agreement, refusal_directions
+from apostate.directions.residuals import residual_means
+from apostate.progress import console, warn
+from apostate.prompts import PromptSplits, Texts
+from apostate.scoring.calibration import PREFIX_SAMPLE, common_response_prefix, find_batch_size, sample_responses
+from apostate.scoring.judges.markers import MarkerJudge
+from apostate.scoring.scorer import ScoringOptions, build_scorer
+from apostate.settings import Settings
+from apostate.startup.checks import base_findings, direction_findings, prefix_findings
 
 CACHE_FILE = "startup.pt"
 CACHE_VERSION = 3  # raised whenever Startup changes, so older caches are measured again
@@ -44,16 +42,9 @@ class Startup:
     warnings: list[str] = field(default_factory=list)  # what the checks on these measurements found
 
 
-def load_for_trials(source: ModelSource, settings: Settings, tokenizer, kernels: CpuKernels) -> LoadedModel:
-    """The model, with the CPU kernels timed fastest on this machine applied (`kernels.restore` takes
-    the routing back). Not for remote code: custom model code may assume contiguous weights and
-    its own forward methods."""
-    loaded = load_model(source, settings, tokenizer)
-    if not settings.trust_remote_code:
-        chosen = kernels.apply(loaded.model)
-        if chosen:
-            console.print(chosen)
-    return loaded
+def scoring_options(settings: Settings) -> ScoringOptions:
+    """What a scorer reads of the run's settings."""
+    return ScoringOptions(settings.max_response_tokens, list(settings.refusal_markers), settings.reuse_responses)
 
 
 def prepare(
@@ -84,7 +75,7 @@ def prepare(
         directions, agreement = measure_directions(model, tokenizer, device, settings, texts, batch_size)
     with _timed(seconds, "base_scores"):
         console.print("Scoring the base model...")
-        scorer = build_scorer(tokenizer, device, kernels, settings, batch_size, texts)
+        scorer = build_scorer(tokenizer, device, kernels, scoring_options(settings), batch_size, texts)
         base = scorer.record_base(model)
         console.print(f"* Base model refuses [bold]{base.refusals}/{base.total}[/] harmful evaluation prompts")
     harmless_refused = sum(map(MarkerJudge(settings.refusal_markers).refuses, sample.harmless_answers(prefix)))

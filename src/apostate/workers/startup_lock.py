@@ -17,7 +17,7 @@ from optuna.exceptions import DuplicatedStudyError
 from optuna.storages import BaseStorage
 from optuna.study import StudyDirection
 
-from .storage import STORAGE_ERRORS
+from apostate.workers.storage import STORAGE_ERRORS
 
 
 class StartupLock:

@@ -1,0 +1,1 @@
+"""Worker coordination: many processes running one study in a shared database."""
