@@ -232,7 +232,7 @@ def test_routed_linear_layers_are_restored_when_the_run_fails(model_dir, tmp_pat
 
     def keep(*args, **kwargs):
         sessions.append(start_session(*args, **kwargs))
-        assert sessions[0].kernels.routed  # the run does route layers
+        assert sessions[0].opened.kernels.routed  # the run does route layers
         return sessions[0]
 
     def fail(*args, **kwargs):

@@ -183,7 +183,7 @@ def test_ara_workers_capture_their_own_activations_and_check_them_against_the_st
     finish(start(str(model_dir), tmp_path / "first", url, 2, after=0, extra=ara))
     assert "prepared" in optuna.load_study(study_name=STUDY, storage=url).user_attrs
     joined = finish(start(str(model_dir), tmp_path / "second", url, 4, after=0, extra=[*ara, "--n-trials", "4"]))
-    assert "This worker's captured activations agree with the study's" in joined
+    assert "What this worker prepared for its method agrees with the study's" in joined
     assert len(finished(trials(url))) == 4
 
 

@@ -50,7 +50,7 @@ def act(session: Session) -> None:
     if session.settings.headless:
         trial = pick_trial(session)
         if session.judge is not None:
-            judge_front(session, session.judge, extra=[trial])
+            judge_front(session, extra=[trial])
         _announce(session.study, trial)
         record_chosen(session, trial)  # leaves the model in the trial's state
         for action in sorted(session.settings.actions, key=_action_order):

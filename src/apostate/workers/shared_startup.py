@@ -145,10 +145,10 @@ class SharedStartup:
         worst = _worst_relative_difference(stored, summary)
         if worst > PREPARED_TOLERANCE:
             raise ApostateError(
-                f"this worker's prepared activations differ from study {self.study.study_name}'s (by {worst:.3g} "
+                f"what this worker prepared for its method differs from study {self.study.study_name}'s (by {worst:.3g} "
                 f"relative): another model file or revision under the same name; give it the study's model"
             )
-        console.print(f"* This worker's prepared activations agree with the study's (within {worst:.2g})")
+        console.print(f"* What this worker prepared for its method agrees with the study's (within {worst:.2g})")
 
     def publish(self, startup: Startup) -> None:
         """Put the measured start-up in the study, then let the waiting workers go (before this
