@@ -220,3 +220,18 @@ def test_default_config_marks_measured_settings():
         note = any(line.startswith("# Changes what a trial measures") for line in block)
         assert note == bool(measured_for(field)), name
     assert "Changes what a trial measures (methods 'ara', 'ara-lora')" in " ".join(text.split())
+
+
+def test_start_up_measured_before_directional_had_a_table_is_reused(tmp_path):
+    """An ARA run folder's startup.pt, keyed by the old fingerprint, still holds for today's."""
+    import torch
+
+    from apostate.startup.measure import Startup, read_startup, write_startup
+
+    measured = Startup(16, "", torch.zeros(2, 3), torch.zeros(2, 4), 3, [[1, 2]], {"prefix": 1.0})
+    old_key = {"fingerprint": PINNED["ara-lora"], "dtype": "torch.float32", "batch_size": 16}
+    write_startup(measured, old_key, tmp_path / "startup.pt")
+    today = {**old_key, "fingerprint": settings().measurement_fingerprint("demo")}
+    assert read_startup(tmp_path / "startup.pt", today).base_refusals == 3
+    changed = {**old_key, "fingerprint": settings(kl_cutoff=1.0).measurement_fingerprint("demo")}
+    assert read_startup(tmp_path / "startup.pt", changed) is None
