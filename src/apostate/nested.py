@@ -19,3 +19,12 @@ def changed_keys(before: dict, after: dict) -> list[str]:
     """The dotted keys whose values differ between two nested dicts (missing on one side counts), sorted."""
     old, new = flat(before), flat(after)
     return sorted(key for key in set(old) | set(new) if old.get(key) != new.get(key))
+
+
+def agrees_on(stored, current) -> bool:
+    """Whether what was stored for `stored` holds for `current`: equal, except that a stored dict
+    may name more keys than `current` does (a setting no longer measured, such as directional's
+    knobs in an ARA run made before they had their own table)."""
+    if isinstance(stored, dict) and isinstance(current, dict):
+        return current.keys() <= stored.keys() and all(agrees_on(stored[k], v) for k, v in current.items())
+    return stored == current

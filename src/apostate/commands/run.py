@@ -107,7 +107,7 @@ def _search_and_act(session: Session, monitor: PhaseMonitor) -> int:
 def _report_phases(session: Session, monitor: PhaseMonitor) -> None:
     """Print time and peak memory per phase; keep them in the run folder as phases.json."""
     monitor.close()
-    trial_seconds = [TrialRecord.of(t).seconds for t in completed(session.study) if TrialRecord.of(t).seconds]
+    trial_seconds = [seconds for t in completed(session.study) if (seconds := TrialRecord.of(t).seconds)]
     monitor.show(trial_seconds)
     startup_seconds = {name: round(value, 2) for name, value in session.startup.seconds.items()}
     console.print(

@@ -31,9 +31,8 @@ from apostate.search.study import (
     repair_journal,
     tpe_sampler,
 )
+from apostate.search.trials import Objective
 from apostate.workers.shared_home import SharedHome
-
-Objective = Callable[[optuna.Trial], tuple[float, float]]
 
 
 class StartupShare(Protocol):

@@ -28,7 +28,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from apostate.errors import ApostateError
-from apostate.nested import changed_keys
+from apostate.nested import agrees_on, changed_keys
 from apostate.progress import console
 
 JOURNAL = "study.journal"
@@ -106,14 +106,12 @@ def fingerprint_changes(study: optuna.Study, fingerprint: dict, replaceable: boo
     study made before they had their own table) changes nothing, so it is not compared.
     """
     stored = study.user_attrs.get("fingerprint")
-    if stored is not None:
-        stored = {key: value for key, value in stored.items() if key in fingerprint}
-    if stored == fingerprint:
+    if stored is not None and agrees_on(stored, fingerprint):
         return None
     if stored is None or replaceable:
         study.set_user_attr("fingerprint", fingerprint)
         return None
-    return ", ".join(changed_keys(stored, fingerprint))
+    return ", ".join(changed_keys({k: v for k, v in stored.items() if k in fingerprint}, fingerprint))
 
 
 def remember_seed(study: optuna.Study, seed: int | None) -> None:

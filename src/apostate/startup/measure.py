@@ -18,6 +18,7 @@ from torch import Tensor
 from apostate.decoding import CpuKernels
 from apostate.directions.refusal import direction_agreement, refusal_directions
 from apostate.directions.residuals import residual_means
+from apostate.nested import agrees_on
 from apostate.progress import console, warn
 from apostate.prompts import PromptSplits, Texts
 from apostate.scoring.calibration import PREFIX_SAMPLE, common_response_prefix, find_batch_size, sample_responses
@@ -115,18 +116,9 @@ def read_startup(cache: Path | BinaryIO, key: dict) -> Startup | None:
             stored = torch.load(cache, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError):  # older format (pickled objects), or damaged
         return None
-    if not isinstance(stored, dict) or not _made_for(stored.get("key"), key) or stored.get("version") != CACHE_VERSION:
+    if not isinstance(stored, dict) or not agrees_on(stored.get("key"), key) or stored.get("version") != CACHE_VERSION:
         return None
     return Startup(**stored["startup"])
-
-
-def _made_for(stored, key) -> bool:
-    """Whether measurements stored for `stored` hold for `key`: equal, except that a stored dict may
-    name more than `key` does (a setting no longer measured, such as directional's knobs in an ARA
-    run made before they had their own table)."""
-    if isinstance(stored, dict) and isinstance(key, dict):
-        return key.keys() <= stored.keys() and all(_made_for(stored[name], value) for name, value in key.items())
-    return stored == key
 
 
 @contextmanager

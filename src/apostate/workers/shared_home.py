@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -29,7 +29,7 @@ from apostate.search.study import (
     worker_name,
 )
 from apostate.search.trial_record import TrialRecord
-from apostate.search.trials import SurplusTrial
+from apostate.search.trials import Objective, SurplusTrial
 from apostate.workers.shared_startup import SharedStartup
 from apostate.workers.storage import (
     STORAGE_ERRORS,
@@ -39,8 +39,6 @@ from apostate.workers.storage import (
     unreachable_message,
     write_record,
 )
-
-Objective = Callable[[optuna.Trial], tuple[float, float]]
 
 
 class SharedHome:
