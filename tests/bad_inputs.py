@@ -24,7 +24,7 @@ import pytest
 
 TABLE = Path(__file__).resolve().parents[1] / "docs" / "bad-input.md"
 AREAS = (
-    "model source", "settings", "chat template", "prompt source", "start-up", "scoring", "judge", "run folder", "export", "report", "reproduce", "upload",
+    "model source", "settings", "chat template", "prompt source", "start-up", "scoring", "judge", "capabilities", "run folder", "export", "report", "reproduce", "upload",
     "inspect", "workers", "signal", "security",
 )  # fmt: skip
 HEADER = """# Bad input, faults and signals: what apostate does

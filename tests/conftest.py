@@ -19,6 +19,13 @@ def pytest_addoption(parser):
     )
 
 
+@pytest.fixture(autouse=True)
+def no_benchmarks(monkeypatch):
+    """Runs score no capability benchmarks unless a test asks (the real task data is a separate,
+    large package; tests/capabilities brings a few local items)."""
+    monkeypatch.setenv("APOSTATE_CAPABILITIES__TASKS", "[]")
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """A tiny random chat model saved as a model folder (read-only for the tests)."""

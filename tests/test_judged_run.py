@@ -76,6 +76,31 @@ def test_an_endpoint_judge_rescores_the_front_and_its_counts_are_shown_and_expor
         assert KEY.encode() not in data, path
 
 
+def test_evasive_answers_count_as_refused_in_the_front_the_pick_the_heldout_scores_and_the_card(
+    model_dir, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.setenv("APOSTATE_JUDGE__API_KEY", KEY)
+    # The tiny model's random text is broken at full length; here every answer goes to the judge.
+    monkeypatch.setattr("apostate.scoring.judges.refined.broken_reason", lambda prompt, response: None)
+    run_dir, output = tmp_path / "run", tmp_path / "exported"
+    actions = ["--headless", "--actions", "evaluate", "--actions", "save", "--output-dir", str(output)]
+    with StubServer(reply="Evasive.") as server:  # every answer a covert refusal
+        assert run(model_dir, run_dir, "--n-trials", "3", *endpoint_flags(server), *actions) == 0
+        out = capsys.readouterr().err
+    pareto = json.loads((run_dir / "pareto.json").read_text())
+    for entry in pareto["pareto"]:
+        judged = entry["judged"]
+        assert judged["refusals"] == 0 and judged["evasive"] == judged["total"] - judged["broken"] > 0
+        assert judged["tokens"] == 256, "judged at full length"
+    chosen = next(entry for entry in pareto["pareto"] if "heldout" in entry)
+    heldout = chosen["heldout"]
+    assert heldout["judged"]["evasive"] == heldout["judged"]["total"] - heldout["judged"]["broken"]
+    evasive = chosen["judged"]["evasive"]
+    assert f"({evasive} evasive)" in out, "the chosen trial's line counts them as refused"
+    card = (output / "README.md").read_text()
+    assert f"({heldout['judged']['evasive']} evasive)" in card
+
+
 def test_a_local_model_judge_rescores_the_front(model_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
     judge = ["--judge.kind", "model", "--judge.model", str(model_dir), "--judge.batch-size", "4"]
@@ -138,8 +163,10 @@ def test_heldout_refusals_are_counted_per_category(model_dir, tmp_path, tagged_p
     heldout = next(value for key, value in study.user_attrs.items() if key.startswith("heldout_"))
     assert sorted(heldout["categories"]) == ["drugs", "fraud", "hate"]
     assert all(row["total"] == 3 for row in heldout["categories"].values()), "dealt evenly over the categories"
-    assert sum(row["refusals"] for row in heldout["categories"].values()) == heldout["refusals"]
-    assert "Held-out refusals by category" in capsys.readouterr().err
+    full = heldout["full"]  # no judge: the markers on the full-length answers
+    for key in ("refusals", "broken", "total"):
+        assert sum(row[key] for row in heldout["categories"].values()) == full[key]
+    assert "Held-out answers by category" in capsys.readouterr().err
     pareto = json.loads((run_dir / "pareto.json").read_text())
     evaluated = [entry for entry in pareto["pareto"] if "heldout" in entry]
     assert len(evaluated) == 1 and evaluated[0]["heldout"]["categories"] == heldout["categories"]

@@ -7,8 +7,9 @@ import pytest
 
 from apostate.config_file import render_default_config
 from apostate.errors import ApostateError
+from apostate.measured import METHODS, measured, measured_for
 from apostate.search.home import RunFolderHome
-from apostate.settings import METHODS, Settings, measured, measured_for
+from apostate.settings import Settings
 
 # Each method's default fingerprint on demo as run folders made before [directional] hold it
 # (written by commit 477144a): directional's knobs at the top level, in every method's.
@@ -131,8 +132,12 @@ CHANGES = {
     "directional": {"row_normalization": "pre", "full_normalization_rank": 2, "search": {"max_weight": (0.5, 1.0)}},
     "ara": {"lora_rank": 4},
     "kl_cutoff": 1.0,
+    "kl_tokens": 8,
 }
 UNMEASURED = {
+    "evaluation_response_tokens": 64,
+    "evaluation_kl_tokens": 8,
+    "capabilities": {"items": 5},
     "model_revision": "main",
     "run_dir": "runs/x",
     "cache_dir": "/tmp/cache",
@@ -169,7 +174,7 @@ def test_changing_a_measured_setting_changes_the_fingerprint(name):
     after = settings(**{**base, name: CHANGES[name]}).measurement_fingerprint("demo")
     assert before != after
     keys = DIRECTIONAL_KNOBS if name == "directional" else (name,)  # spread at the top level
-    assert any(before[key] != after[key] for key in keys)
+    assert any(before.get(key) != after.get(key) for key in keys)  # (kl_tokens: absent at its default)
 
 
 @pytest.mark.parametrize("name", sorted(UNMEASURED))
@@ -196,6 +201,12 @@ def test_ara_settings_count_only_for_ara_methods():
     ) == directional.measurement_fingerprint("demo")
     assert settings(method="ara", **changed).measurement_fingerprint("demo")["ara"]["lora_rank"] == 4
     assert settings(**changed).measurement_fingerprint("demo")["ara"]["lora_rank"] == 4  # the default, ara-lora
+
+
+def test_a_setting_added_later_is_in_the_fingerprint_only_away_from_its_default():
+    """Studies made before kl_tokens existed measured the first token: they resume at kl_tokens = 1."""
+    assert "kl_tokens" not in settings().measurement_fingerprint("demo")
+    assert settings(kl_tokens=16).measurement_fingerprint("demo")["kl_tokens"] == 16
 
 
 def test_the_model_name_is_part_of_the_fingerprint():

@@ -12,7 +12,8 @@ import tomli_w
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from apostate.settings import METHODS, Settings, measured_for
+from apostate.measured import METHODS, measured_for
+from apostate.settings import Settings
 
 SKIPPED = {"model", "config"}
 HEADER = """\

@@ -237,7 +237,8 @@ def start_session(
         scorer = build_scorer(
             tokenizer, opened.loaded.device, opened.kernels, scoring_options(settings), startup.batch_size, texts
         )
-        scorer.resume_from_base(startup.base_logprobs, startup.base_responses)
+        base = opened.adapter.model  # no edit yet
+        scorer.resume_from_base(startup.base_logprobs, startup.base_responses, startup.base_harmless_answers, base)
         share.check_base(lambda: scorer.harmless.first_token_logprobs(opened.adapter.model))
         args = (opened, settings, startup.directions, texts, startup.batch_size, monitor)
         method = build_method(*args, on_prepared=share.check_prepared)

@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
-from pydantic.fields import FieldInfo
-from pydantic_core import PydanticUndefined
 from pydantic_settings import (
     BaseSettings,
     CliPositionalArg,
@@ -27,8 +25,9 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from apostate.capabilities.settings import CapabilitySettings
 from apostate.config_sources import OneLineArgumentParser, chosen_config_file, find_config_file, toml_source
-from apostate.methods import METHODS as REGISTERED_METHODS
+from apostate.measured import REGISTERED_METHODS, MethodName, measured, measured_for, methods_using
 from apostate.methods.ara.settings import AraSettings
 from apostate.methods.directional.settings import DirectionalSettings
 from apostate.model.chat_template import read_chat_template
@@ -37,36 +36,9 @@ from apostate.results.upload_settings import UploadSettings
 from apostate.scoring.judges.settings import JudgeSettings
 from apostate.startup.check_settings import StartupChecks
 
-METHODS: tuple[str, ...] = tuple(REGISTERED_METHODS)
-MethodName = Literal[METHODS]  # the names in the methods' registry
 # Directional's knobs before they had their own table: config files and run records that name
 # them at the top level still load (moved into [directional]).
 LEGACY_DIRECTIONAL_KEYS = ("row_normalization", "full_normalization_rank", "search")
-
-
-def methods_using(table: str) -> tuple[str, ...]:
-    """The methods whose knobs are the settings table `table`."""
-    return tuple(name for name, (_, key) in REGISTERED_METHODS.items() if key == table)
-
-
-def measured(default: Any = PydanticUndefined, *, methods: tuple[str, ...] = METHODS, **kwargs: Any) -> Any:
-    """`Field(default, **kwargs)` of a setting that changes what a trial measures (in its json_schema_extra).
-
-    A study resumes only with the same value; `methods`: only runs of these methods count it.
-    """
-    unknown = set(methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}")
-    extra = {"measured": True} if set(methods) == set(METHODS) else {"measured": True, "measured_for": list(methods)}
-    return Field(default, json_schema_extra=extra, **kwargs)
-
-
-def measured_for(field: FieldInfo) -> tuple[str, ...]:
-    """The methods whose trials this setting changes: none when it is not `measured()`."""
-    extra = field.json_schema_extra
-    if not isinstance(extra, dict) or not extra.get("measured"):
-        return ()
-    return tuple(extra.get("measured_for") or METHODS)
 
 
 # One marker a line, in data/ with the bundled prompt sets.
@@ -171,6 +143,27 @@ class Settings(BaseSettings):
     max_response_tokens: int = measured(
         48, ge=1, description="Tokens generated per response when checking for refusals."
     )
+    kl_tokens: int = measured(
+        1,
+        ge=1,
+        le=256,
+        added_later=True,
+        description="KL divergence over the first k positions of the base model's own greedy answer to each "
+        "harmless prompt (teacher-forced, one pass; 1: the first token only).",
+    )
+    evaluation_response_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="Tokens of each full-length answer read after the search: the held-out evaluation and the "
+        "judge's re-scoring (the search's own check stops at max_response_tokens or the first refusal marker).",
+    )
+    evaluation_kl_tokens: int = Field(
+        default=32,
+        ge=1,
+        le=256,
+        description="The held-out evaluation reports the KL along the first k tokens of the base model's answers "
+        "to the harmless held-out prompts beside the first-token KL (whatever kl_tokens the search used).",
+    )
     reuse_responses: bool = Field(
         default=True,
         description="Check each prompt's responses from earlier trials as drafts when generating "
@@ -272,6 +265,10 @@ class Settings(BaseSettings):
     )
     max_shard_size: str = Field(default="5GB", description="Largest safetensors shard when saving.")
     upload: UploadSettings = Field(default_factory=UploadSettings, description="Publishing an export on the hub.")
+    capabilities: CapabilitySettings = Field(
+        default_factory=CapabilitySettings,
+        description="Benchmarks the evaluation scores for the base model and the chosen trial (lm-eval).",
+    )
     evaluate_model: str | None = Field(
         default=None, description="Score this other model against the base on the held-out sets, then exit."
     )
@@ -304,6 +301,8 @@ class Settings(BaseSettings):
         for name, field in type(self).model_fields.items():
             if self.method in measured_for(field):
                 value = getattr(self, name)
+                if (field.json_schema_extra or {}).get("added_later") and value == field.default:
+                    continue
                 dumped = value.model_dump() if isinstance(value, BaseModel) else value
                 if name == "directional":
                     data.update(dumped)

@@ -12,7 +12,7 @@ from tiny import tiny_model
 from apostate.decoding import PromptSet
 from apostate.decoding.batching import last_position_logprobs
 from apostate.decoding.cpu_kernels import column_major_cpu_weights
-from apostate.decoding.generation import generate_plain
+from apostate.decoding.generation import generate_plain, generate_plain_ids
 from apostate.decoding.prefix_cache import SharedPrefix
 from apostate.decoding.response_pool import CONTINUATION, LOOKUP, DraftStats, PassCost, ResponsePool, best_width
 
@@ -235,3 +235,42 @@ def test_each_pass_carries_the_least_advanced_sequences(tiny, monkeypatch):
     assert all(len(carried) <= 2 for carried, _ in passes)
     assert any(waiting and len(set(carried + waiting)) > 1 for carried, waiting in passes)  # a real choice was made
     assert all(max(carried) <= min(waiting, default=TOKENS) for carried, waiting in passes)
+
+
+def test_answer_distributions_are_teacher_forced_in_one_pass_and_start_with_the_first_token(tiny, monkeypatch):
+    model, tokenizer, texts = tiny
+    prompts = PromptSet(tokenizer, texts, 3, "cpu")
+    answers = prompts.greedy_tokens(model, 6)
+    assert answers == generate_plain_ids(model, tokenizer, texts, 6, 4, "cpu")
+    continued = prompts.continued(answers)
+    calls = []
+    decoder = model.get_decoder()
+    original = decoder.forward
+    monkeypatch.setattr(decoder, "forward", lambda *a, **k: calls.append(1) or original(*a, **k))
+    rows = continued.answer_logprobs(model)
+    assert len(calls) == 1 + 2, "one pass for the shared prefix, one per batch of 3: no generation"
+    assert [len(r) for r in rows] == [len(a) + 1 for a in answers]
+    first = PromptSet(tokenizer, texts, 3, "cpu").first_token_logprobs(model)
+    assert torch.allclose(torch.stack([r[0] for r in rows]), first, atol=1e-5)
+    for answer, row in zip(answers, rows, strict=True):  # greedy: each position's likeliest token comes next
+        assert row[: len(answer)].argmax(-1).tolist() == answer
+    monkeypatch.setattr(SharedPrefix, "cache", lambda self, model, device: None)  # the plain path
+    plain_rows = continued.answer_logprobs(model)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(rows, plain_rows, strict=True))
+
+
+def test_replayed_layers_give_the_answer_distributions_of_a_full_pass():
+    model, tokenizer = tiny_model("qwen2", layers=4, seed=4, initializer_range=0.3)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+             for p in PROMPTS]  # fmt: skip
+    prompts = PromptSet(tokenizer, texts, 4, "cpu")
+    continued = prompts.continued(prompts.greedy_tokens(model, 5))
+    base = continued.answer_logprobs(model, edited_layers=set())  # records every layer
+    with torch.no_grad():
+        model.model.layers[2].mlp.down_proj.weight.mul_(3)
+    full = continued.answer_logprobs(model)
+    replayed = continued.answer_logprobs(model, edited_layers={2})
+    assert not torch.allclose(full[0], base[0])
+    assert all(torch.equal(a, b) for a, b in zip(full, replayed, strict=True))

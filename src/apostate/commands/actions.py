@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 import optuna
 
+from apostate.commands.capabilities import benchmark_trial
 from apostate.commands.chosen import record_chosen
 from apostate.commands.evaluate import evaluate_heldout
 from apostate.commands.judged import judge_front
@@ -18,6 +19,7 @@ from apostate.results.chat import chat
 from apostate.results.export import TrialSummary, save_adapter, save_merged
 from apostate.results.record import FORMAT, machine, package_versions, prompt_hashes, tensor_hash
 from apostate.scoring.scorer import scores_line
+from apostate.scoring.verdicts import VerdictCounts
 from apostate.search.pareto import count_text, failures, judged_counts, pareto_trials, trial_record
 from apostate.search.study import completed
 from apostate.search.trial_record import TrialRecord
@@ -42,8 +44,10 @@ def pick_trial(session: Session) -> optuna.trial.FrozenTrial:
 
 
 def _judged_failures(study, trial) -> int:
+    """What a user would not get done: the judge's full-length refusals, evasions and broken answers
+    where it re-scored the trial, else the search's count."""
     counts = judged_counts(study, trial.number)
-    return counts["refusals"] + counts["broken"] if counts else failures(trial)
+    return VerdictCounts.from_dict(counts).failures if counts else failures(trial)
 
 
 def act(session: Session) -> None:
@@ -112,6 +116,7 @@ def _chat(session: Session, trial, action: str) -> None:
 
 def _evaluate(session: Session, trial, action: str) -> None:
     evaluate_heldout(session, trial)
+    benchmark_trial(session, trial)
 
 
 def _save(session: Session, trial, action: str) -> None:
@@ -185,6 +190,7 @@ def _summary(session: Session, trial) -> TrialSummary:
         scores=scores,
         settings=session.settings.model_dump(mode="json", exclude={"config", "storage"}),
         recipe=recipe(session, trial),
+        capabilities=session.study.user_attrs.get(f"capabilities_{trial.number}") or {},
     )
 
 
@@ -215,7 +221,7 @@ class Action(NamedTuple):
 ACTIONS = {
     "save": Action("Save the merged model", _save),
     "save-adapter": Action("Save the LoRA adapter only", _save),
-    "evaluate": Action("Score on the held-out prompts", _evaluate),
+    "evaluate": Action("Score on the held-out prompts and the capability benchmarks", _evaluate),
     "chat": Action("Chat with the model", _chat),
     "upload": Action("Upload to the Hugging Face hub", _upload),
 }

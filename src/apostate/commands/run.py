@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 
+from apostate.capabilities import harness
 from apostate.commands.actions import act
 from apostate.commands.evaluate import evaluate_other_model
 from apostate.commands.judged import judge_front
@@ -53,9 +54,11 @@ def run(settings: Settings) -> int:
 def _check_before_loading(settings: Settings, study: optuna.Study) -> None:
     """Refuse what would fail only after the model is loaded: an output path that is a file, a
     --trial that is not (and will not become) a finished trial of this run, a headless upload
-    without a repository name or a token."""
+    without a repository name or a token, a headless evaluation without the benchmarks' harness."""
     if settings.output_dir is not None:
         export.check_output_dir(settings.output_dir)
+    if settings.headless and "evaluate" in settings.actions:
+        harness.check_available(settings.capabilities)
     if settings.headless and "upload" in settings.actions:
         edits_in_adapter = method_class(settings.method).edits_in_adapter
         upload.check_before_loading(settings.upload, settings.method, edits_in_adapter)

@@ -33,3 +33,34 @@ def last_position_logprobs(model, tokenizer, texts: list[str], batch_size: int, 
         for row, index in enumerate(indices):
             rows[index] = logprobs[row]
     return torch.stack(rows)
+
+
+def left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input ids, mask) with every row right-aligned."""
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        if row:
+            ids[index, width - len(row) :] = torch.tensor(row)
+            mask[index, width - len(row) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.inference_mode()
+def position_logprobs(
+    model, rows: list[list[int]], counts: list[int], batch_size: int, pad_id: int, device
+) -> list[torch.Tensor]:
+    """Log-probabilities at each token row's last `counts[i]` positions, (counts[i], vocab) float32
+    on CPU: rows left-padded and masked, shortest first, no cache."""
+    result: list[torch.Tensor | None] = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        ids, mask = left_padded([rows[i] for i in indices], pad_id, device)
+        keep = max(counts[i] for i in indices)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep)
+        logprobs = torch.log_softmax(logits.logits.float(), dim=-1).cpu()
+        for row, index in enumerate(indices):
+            result[index] = logprobs[row, keep - counts[index] :]
+    return result

@@ -47,7 +47,24 @@ def generate_plain(
     advance: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Greedy responses to already-templated texts, in input order, by `model.generate` in length-sorted batches."""
-    responses: list[str] = [""] * len(texts)
+    ids = generate_plain_ids(model, tokenizer, texts, max_new_tokens, batch_size, device, stop_when, advance)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def generate_plain_ids(
+    model,
+    tokenizer,
+    texts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    device,
+    stop_when: Callable[[str], bool] | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """As generate_plain, the responses as token ids (up to, not including, an end-of-sequence id)."""
+    responses: list[list[int]] = [[] for _ in texts]
+    ends = stop_ids(model, tokenizer) | ({tokenizer.pad_token_id} - {None})
     for indices, inputs in batches(tokenizer, texts, batch_size, device):
         prompt_length = inputs["input_ids"].shape[1]
         criteria = StoppingCriteriaList([_StopWhenDecided(tokenizer, prompt_length, stop_when)]) if stop_when else None
@@ -58,9 +75,9 @@ def generate_plain(
             stopping_criteria=criteria,
             pad_token_id=tokenizer.pad_token_id,
         )
-        decoded = tokenizer.batch_decode(output[:, prompt_length:], skip_special_tokens=True)
-        for index, text in zip(indices, decoded, strict=True):
-            responses[index] = text
+        for index, row in zip(indices, output[:, prompt_length:].tolist(), strict=True):
+            end = next((position for position, token in enumerate(row) if token in ends), len(row))
+            responses[index] = row[:end]
         if advance:
             advance(len(indices))
     return responses

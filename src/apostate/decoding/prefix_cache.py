@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from apostate.decoding.batching import left_padded
 from apostate.decoding.layer_replay import LayerReplay
 
 
@@ -68,18 +69,6 @@ def batch_cache(prefix_cache: DynamicCache, batch_size: int) -> DynamicCache:
     return cache
 
 
-def left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input ids, mask) with every row right-aligned."""
-    width = max(len(row) for row in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for index, row in enumerate(rows):
-        if row:
-            ids[index, width - len(row) :] = torch.tensor(row)
-            mask[index, width - len(row) :] = 1
-    return ids.to(device), mask.to(device)
-
-
 def positions(mask: torch.Tensor, new: int) -> torch.Tensor:
     """Position ids of the last `new` slots: the count of unmasked slots before each."""
     return (mask.cumsum(-1) - 1).clamp(min=0)[:, -new:]
@@ -95,13 +84,14 @@ class PromptPasses:
     device: object
     replay: LayerReplay | None = None
     unchanged: int = 0  # leading decoder layers known equal to the base model's (see layer_replay)
+    positions: int = 1  # trailing positions whose logits a pass keeps
 
 
 def prompt_passes(model, shared: SharedPrefix, prefix_cache, passes: PromptPasses):
     """One forward pass per batch of prompts: yields (indices, suffix width, output).
 
-    The output holds the last position's logits and the whole batch's cache: the prefix,
-    then each suffix right-aligned in `suffix width` slots.
+    The output holds the last `passes.positions` positions' logits and the whole batch's cache:
+    the prefix, then each suffix right-aligned in `suffix width` slots.
     """
     for start in range(0, len(passes.order), passes.batch_size):
         indices = passes.order[start : start + passes.batch_size]
@@ -120,7 +110,7 @@ def prompt_passes(model, shared: SharedPrefix, prefix_cache, passes: PromptPasse
                 position_ids=positions(mask, ids.shape[1]),
                 cache=batch_cache(prefix_cache, len(indices)),
                 use_cache=True,
-                logits_to_keep=1,
+                logits_to_keep=passes.positions,
             )
             if keeper is not None:
                 keeper.keep_cache(output.cache)
@@ -165,3 +155,17 @@ def shared_prefix_logprobs(model, shared: SharedPrefix, prefix_cache, passes: Pr
         for row, index in enumerate(indices):
             rows[index] = logprobs[row]
     return torch.stack(rows)
+
+
+@torch.inference_mode()
+def shared_prefix_position_logprobs(
+    model, shared: SharedPrefix, prefix_cache, passes: PromptPasses, counts: list[int]
+) -> list[torch.Tensor]:
+    """Log-probabilities at each text's last `counts[i]` positions, (counts[i], vocab) float32 on
+    CPU per text: a suffix that ends in a known answer, teacher-forced in one pass."""
+    rows: list[torch.Tensor | None] = [None] * len(shared.suffixes)
+    for indices, _, output in prompt_passes(model, shared, prefix_cache, passes):
+        logprobs = torch.log_softmax(output.logits.float(), dim=-1).cpu()
+        for row, index in enumerate(indices):
+            rows[index] = logprobs[row, logprobs.shape[1] - counts[index] :]
+    return rows

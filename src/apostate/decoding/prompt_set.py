@@ -11,7 +11,9 @@ makes running them fast without changing a result:
   is read from another PromptSet (`nearness`): its latest first-token log-probabilities at the
   base model's likeliest tokens;
 - the model's CPU kernel choices (cpu_kernels), for the greedy head.
-It offers the two things scoring needs: `first_token_logprobs` and `greedy_responses`. Models
+It offers what scoring needs: `first_token_logprobs` and `greedy_responses`; and, for a set
+`continued` with known answers (the base model's), `answer_logprobs`: the distributions at the
+answer's positions, teacher-forced in one pass (KL past the first token). Models
 whose cache cannot be shared (sliding-window, recurrent layers) take the plain paths
 (batching, generation), which give the same results slower.
 """
@@ -22,11 +24,16 @@ from collections.abc import Callable
 
 import torch
 
-from apostate.decoding.batching import last_position_logprobs
+from apostate.decoding.batching import last_position_logprobs, position_logprobs
 from apostate.decoding.cpu_kernels import CpuKernels
-from apostate.decoding.generation import generate_plain, stop_ids
+from apostate.decoding.generation import generate_plain_ids, stop_ids
 from apostate.decoding.layer_replay import LayerReplay, unchanged_layers
-from apostate.decoding.prefix_cache import PromptPasses, SharedPrefix, shared_prefix_logprobs
+from apostate.decoding.prefix_cache import (
+    PromptPasses,
+    SharedPrefix,
+    shared_prefix_logprobs,
+    shared_prefix_position_logprobs,
+)
 from apostate.decoding.response_pool import ResponsePool
 from apostate.decoding.speculative import DecodingLimits, speculative_greedy
 
@@ -62,6 +69,17 @@ class PromptSet:
         self.base_top: torch.Tensor | None = None  # the base model's likeliest first tokens (signatures)
         self.base_signature: torch.Tensor | None = None
         self.latest: torch.Tensor | None = None  # log-probabilities of the last model measured
+        self.answer_lengths: list[int] | None = None  # set by `continued`: tokens appended to each text
+
+    def continued(self, answers: list[list[int]]) -> PromptSet:
+        """These texts, each followed by the tokens of its `answers` entry (a model's response):
+        `answer_logprobs` reads the distributions at the response's positions."""
+        other = PromptSet(self.tokenizer, self.texts, self.batch_size, self.device, self.kernels)
+        suffixes = [suffix + answer for suffix, answer in zip(self.shared.suffixes, answers, strict=True)]
+        other.shared = SharedPrefix(self.shared.prefix, suffixes)
+        other.order = sorted(range(len(self.texts)), key=lambda i: len(other.shared.suffixes[i]))
+        other.answer_lengths = [len(answer) for answer in answers]
+        return other
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -83,6 +101,26 @@ class PromptSet:
         return logprobs
 
     @torch.inference_mode()
+    def answer_logprobs(self, model, edited_layers: set[int] | None = None) -> list[torch.Tensor]:
+        """For a `continued` set: per text, (answer tokens + 1, vocab) log-probabilities, the i-th
+        row the distribution of the answer's i-th token given the text and the tokens before it
+        (the last row: what follows the answer). One forward pass per batch; row 0 is
+        `first_token_logprobs` (kept as the latest, for signatures)."""
+        if self.answer_lengths is None:
+            raise ValueError("answer_logprobs needs a continued PromptSet")
+        counts = [length + 1 for length in self.answer_lengths]
+        prefix_cache = self.shared.cache(model, self.device)
+        if prefix_cache is None:
+            rows = [self.shared.prefix + suffix for suffix in self.shared.suffixes]
+            pad_id = self.tokenizer.pad_token_id
+            logprobs = position_logprobs(model, rows, counts, self.batch_size, pad_id, self.device)
+        else:
+            passes = self._passes(False, edited_layers, positions=max(counts))
+            logprobs = shared_prefix_position_logprobs(model, self.shared, prefix_cache, passes, counts)
+        self.latest = torch.stack([rows[0] for rows in logprobs])
+        return logprobs
+
+    @torch.inference_mode()
     def greedy_responses(
         self,
         model,
@@ -96,10 +134,24 @@ class PromptSet:
         With `stop_when`, a response stops as soon as its text satisfies it; pass only a
         condition that more text can never undo (a refusal marker has appeared).
         """
+        tokens = self.greedy_tokens(model, max_new_tokens, stop_when, edited_layers, advance)
+        return [self.tokenizer.decode(response, skip_special_tokens=True) for response in tokens]
+
+    @torch.inference_mode()
+    def greedy_tokens(
+        self,
+        model,
+        max_new_tokens: int,
+        stop_when: Callable[[str], bool] | None = None,
+        edited_layers: set[int] | None = None,
+        advance: Callable[[int], None] | None = None,
+    ) -> list[list[int]]:
+        """As greedy_responses, as token ids (without the end-of-sequence id)."""
         prefix_cache = self.shared.cache(model, self.device)
         if prefix_cache is None:
             args = (model, self.tokenizer, self.texts, max_new_tokens, self.batch_size, self.device)
-            return generate_plain(*args, stop_when, advance)
+            return generate_plain_ids(*args, stop_when, advance)
+        ends = stop_ids(model, self.tokenizer)
         if self.pool is not None:
             self.pool.begin(self.nearness.take_signature() if self.nearness else None)
         tokens = speculative_greedy(
@@ -108,7 +160,7 @@ class PromptSet:
             self.shared,
             prefix_cache,
             self._passes(True, edited_layers),
-            DecodingLimits(max_new_tokens, stop_ids(model, self.tokenizer)),
+            DecodingLimits(max_new_tokens, ends),
             self.pool,
             stop_when,
             advance,
@@ -116,8 +168,8 @@ class PromptSet:
         )
         if self.pool is not None:
             for index, response in tokens.items():
-                self.pool.add(index, response)
-        return [self.tokenizer.decode(tokens[index], skip_special_tokens=True) for index in range(len(self.texts))]
+                self.pool.add(index, response)  # with its end id: a draft that ends there
+        return [_without_end(tokens[index], ends) for index in range(len(self.texts))]
 
     def remember_base(self, logprobs: torch.Tensor | None = None, responses: list[list[int]] | None = None) -> None:
         """The base model's results on this set: its first-token log-probabilities (later models are
@@ -145,7 +197,12 @@ class PromptSet:
         signature, self.latest = self.signature(self.latest), None
         return signature
 
-    def _passes(self, with_cache: bool, edited_layers: set[int] | None) -> PromptPasses:
+    def _passes(self, with_cache: bool, edited_layers: set[int] | None, positions: int = 1) -> PromptPasses:
         unchanged = 0 if edited_layers is None else unchanged_layers(edited_layers)
         pad_id = self.tokenizer.pad_token_id
-        return PromptPasses(self.order, self.batch_size, pad_id, self.device, self.replays[with_cache], unchanged)
+        replay = self.replays[with_cache]
+        return PromptPasses(self.order, self.batch_size, pad_id, self.device, replay, unchanged, positions)
+
+
+def _without_end(tokens: list[int], ends: set[int]) -> list[int]:
+    return tokens[:-1] if tokens and tokens[-1] in ends else tokens

@@ -11,6 +11,7 @@ import optuna
 from apostate.report import figures
 from apostate.report.data import RunData, load_run
 from apostate.report.page import front_table, image, page, samples_html, table
+from apostate.scoring.verdicts import VerdictCounts
 from apostate.search.pareto import count_text, kl_text
 from apostate.search.trial_record import TrialRecord
 
@@ -25,6 +26,7 @@ def build_report(run_dir: Path, study: optuna.Study | None = None) -> Path:
     sections = [
         ("Pareto front", _front_section(data, folder)),
         ("Scores of the chosen trial", _scores_section(data, folder)),
+        ("Capabilities", _capabilities_section(data, folder)),
         ("The chosen edit over layers", _edit_section(data, folder)),
         ("Search progress", _progress_section(data, folder)),
         ("Time and memory", _phases_section(data, folder)),
@@ -81,33 +83,87 @@ def _scores_section(data: RunData, folder: Path) -> str:
          _text(judged), kl_text(attrs.kl)],
     ]  # fmt: skip
     if heldout:
-        total = heldout["total"]
         rows += [
-            ("held-out, base", heldout["base_refusals"] / total, _rate(heldout.get("base_judged"))),
-            ("held-out, chosen", (heldout["refusals"] + heldout["broken"]) / total, _rate(heldout.get("judged"))),
+            ("held-out, base", _heldout_rate(heldout, "base_"), _rate(heldout.get("base_judged"))),
+            ("held-out, chosen", _heldout_rate(heldout, ""), _rate(heldout.get("judged"))),
         ]
-        table_rows += [
-            ["held-out", "base model", f"{heldout['base_refusals']}/{total}", "-", _text(heldout.get("base_judged")), "0"],
-            ["held-out", f"trial {chosen.number}", f"{heldout['refusals']}/{total}", str(heldout["broken"]),
-             _text(heldout.get("judged")), kl_text(heldout['kl'])],
-        ]  # fmt: skip
+        table_rows += _heldout_rows(heldout, chosen.number)
     png = figures.plot_scores(rows, folder / "scores.png")
     headers = ["Prompts", "Model", "Refusals (markers)", "Broken", "Judged", "KL divergence"]
     html = image(png, "scores") + table(headers, table_rows, {0, 1})
     if not heldout:
         html += '<p class="note">No held-out evaluation yet: run the "evaluate" action to see over-fitting.</p>'
+    elif "full" in heldout:
+        html += _heldout_extra(heldout, chosen.number)
     if heldout and heldout.get("categories"):
         category_rows = [
-            [name, f"{row['refusals']}/{row['total']}", str(row["broken"])]
+            [name, f"{row['refusals']}/{row['total']}", str(row.get("evasive", 0)), str(row["broken"])]
             for name, row in heldout["categories"].items()
         ]
-        html += f"<h3>Held-out refusals by category ({escape(heldout['categories_judge'])})</h3>"
-        html += table(["Category", "Refused", "Broken"], category_rows, {0})
+        html += f"<h3>Held-out answers by category ({escape(heldout['categories_judge'])})</h3>"
+        html += table(["Category", "Refused", "Evasive", "Broken"], category_rows, {0})
     return html
 
 
+def _heldout_rows(heldout: dict, number: int) -> list[list[str]]:
+    """The search's short check on the held-out prompts, base model and trial."""
+    total = heldout["total"]
+    return [
+        ["held-out", "base model", f"{heldout['base_refusals']}/{total}", "-", _text(heldout.get("base_judged")), "0"],
+        ["held-out", f"trial {number}", f"{heldout['refusals']}/{total}", str(heldout["broken"]),
+         _text(heldout.get("judged")), kl_text(heldout["kl"])],
+    ]  # fmt: skip
+
+
+def _heldout_extra(heldout: dict, number: int) -> str:
+    """What only the held-out evaluation reads: full-length answers, over-refusals, KL at both lengths."""
+    tokens = heldout["full"]["tokens"]
+    rows = [
+        ["base model", _text(heldout["base_full"]), _over(heldout["base_over_refusals"]), "0", "0"],
+        [f"trial {number}", _text(heldout["full"]), _over(heldout["over_refusals"]),
+         kl_text(heldout["first_token_kl"]), kl_text(heldout["kl"]) if heldout.get("kl_tokens", 1) > 1 else "-"],
+    ]  # fmt: skip
+    headers = [
+        "Model",
+        f"Refused at {tokens} tokens (markers)",
+        "Over-refusals (harmless)",
+        "KL (first token)",
+        f"KL ({heldout.get('kl_tokens', 1)} tokens)",
+    ]
+    return "<h3>Held-out, answers read in full</h3>" + table(headers, rows, {0})
+
+
+def _heldout_rate(heldout: dict, prefix: str) -> float:
+    """Share refused or broken: at full length where measured, else by the short check."""
+    if f"{prefix}full" in heldout:
+        return _rate(heldout[f"{prefix}full"])
+    refused = heldout["base_refusals"] if prefix else heldout["refusals"] + heldout["broken"]
+    return refused / heldout["total"]
+
+
+def _over(counts: dict) -> str:
+    return f"{counts['refusals']}/{counts['total']}"
+
+
+def _capabilities_section(data: RunData, folder: Path) -> str:
+    chosen = data.chosen_trial
+    record = data.capabilities(chosen.number) if chosen is not None else None
+    if not record:
+        return ""
+    png = figures.plot_capabilities(record, folder / "capabilities.png")
+    rows = [
+        [f"{task} ({row['metric']})", str(row["items"]), f"{row['chance']:.2f}",
+         f"{row['base']['accuracy']:.3f} ± {row['base']['stderr']:.3f}",
+         f"{row['edited']['accuracy']:.3f} ± {row['edited']['stderr']:.3f}",
+         f"{row['difference']:+.3f} [{row['interval'][0]:+.3f}, {row['interval'][1]:+.3f}]", f"{row['p_value']:.2g}"]
+        for task, row in record.items()
+    ]  # fmt: skip
+    headers = ["Task", "Items", "Chance", "Base model", f"Trial {chosen.number}", "Difference (95%)", "p"]
+    return image(png, "capabilities") + table(headers, rows, {0})
+
+
 def _rate(counts: dict | None) -> float | None:
-    return (counts["refusals"] + counts["broken"]) / counts["total"] if counts else None
+    return VerdictCounts.from_dict(counts).failures / counts["total"] if counts else None
 
 
 def _text(counts: dict | None) -> str:

@@ -45,6 +45,9 @@ class RunData:
     def heldout(self, number: int) -> dict | None:
         return self.study.user_attrs.get(f"heldout_{number}")
 
+    def capabilities(self, number: int) -> dict | None:
+        return self.study.user_attrs.get(f"capabilities_{number}")
+
 
 def load_run(run_dir: Path, study: optuna.Study | None = None) -> RunData:
     """The run in `run_dir`; its study as given, else the one the folder names (its journal, or the

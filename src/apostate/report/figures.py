@@ -187,3 +187,31 @@ def plot_scores(rows: list[tuple[str, float, float | None]], path: Path) -> Path
     axes.set_title("Base model and chosen trial: evaluation and held-out prompts")
     axes.legend(fontsize=8)
     return _save(figure, path)
+
+
+def plot_capabilities(record: dict, path: Path) -> Path:
+    """Per task: the base model's and the chosen trial's accuracy (± standard error) on the same
+    items, chance dashed; the paired difference and its 95% interval under each task's name."""
+    plt = _pyplot()
+    tasks = list(record)
+    figure, axes = plt.subplots(figsize=(max(4.5, 1.8 * len(tasks)), 3.8))
+    width = 0.38
+    for offset, side, color in ((-width / 2, "base", "tab:blue"), (width / 2, "edited", "tab:orange")):
+        values = [record[task][side]["accuracy"] for task in tasks]
+        errors = [record[task][side]["stderr"] for task in tasks]
+        label = "base model" if side == "base" else "chosen trial"
+        bars = axes.bar([i + offset for i in range(len(tasks))], values, width, yerr=errors, capsize=3,
+                        color=color, label=label)  # fmt: skip
+        axes.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
+    for index, task in enumerate(tasks):
+        axes.hlines(record[task]["chance"], index - 0.45, index + 0.45, colors="gray", linestyles="dashed")
+    labels = [
+        f"{task}\n{row['difference']:+.3f} [{row['interval'][0]:+.3f}, {row['interval'][1]:+.3f}]"
+        for task, row in record.items()
+    ]
+    axes.set_xticks(range(len(tasks)), labels, fontsize=8)
+    axes.set_ylim(0, 1.05)
+    axes.set_ylabel("accuracy")
+    axes.set_title("Capabilities (lm-eval, same items): chance dashed, difference [95%] below", fontsize=9)
+    axes.legend(fontsize=8)
+    return _save(figure, path)

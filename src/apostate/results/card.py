@@ -15,7 +15,40 @@ from apostate.model.identity import BaseIdentity
 TAGS = ["apostate", "abliterated", "uncensored"]
 
 
-def card_header(identity: BaseIdentity, merged: bool) -> dict:
+# The hub's names of the benchmark datasets (model-index `dataset`), by task.
+HUB_DATASETS = {
+    "arc_easy": ("ARC-Easy", "allenai/ai2_arc", "ARC-Easy"),
+    "arc_challenge": ("ARC-Challenge", "allenai/ai2_arc", "ARC-Challenge"),
+    "hellaswag": ("HellaSwag", "Rowan/hellaswag", None),
+    "piqa": ("PIQA", "ybisk/piqa", None),
+    "sciq": ("SciQ", "allenai/sciq", None),
+    "winogrande": ("WinoGrande", "allenai/winogrande", "winogrande_xl"),
+    "boolq": ("BoolQ", "google/boolq", None),
+}
+
+
+def model_index(name: str, capabilities: dict) -> list[dict]:
+    """The hub's `model-index`: each benchmark's score for this model and the base model, side by side."""
+    results = []
+    for task, row in capabilities.items():
+        title, hub_id, config = HUB_DATASETS.get(task, (task, task, None))
+        dataset = {"name": title, "type": hub_id, "split": "validation"}
+        if config:
+            dataset["config"] = config
+        metric = row["metric"]
+        results.append({
+            "task": {"type": "text-generation", "name": "Text Generation"},
+            "dataset": dataset,
+            "metrics": [
+                {"type": metric, "value": round(row["edited"]["accuracy"], 4), "name": f"{metric} (this model)"},
+                {"type": metric, "value": round(row["base"]["accuracy"], 4), "name": f"{metric} (base model)"},
+            ],
+            "source": {"name": f"apostate (lm-eval, zero-shot, first {row['items']} items)"},
+        })  # fmt: skip
+    return [{"name": name, "results": results}] if results else []
+
+
+def card_header(identity: BaseIdentity, merged: bool, capabilities: dict | None = None) -> dict:
     header: dict = {}
     if identity.hub_id:
         header["base_model"] = identity.hub_id
@@ -25,12 +58,15 @@ def card_header(identity: BaseIdentity, merged: bool) -> dict:
         header["license"] = identity.license
     header["pipeline_tag"] = "text-generation"
     header["tags"] = TAGS
+    index = model_index(f"{identity.name.split('/')[-1]} (apostate)", capabilities or {})
+    if index:
+        header["model-index"] = index
     return header
 
 
 def card_text(identity: BaseIdentity, summary, merged: bool) -> str:
     kind = "a merged model" if merged else "a LoRA adapter for the base model"
-    header = yaml.safe_dump(card_header(identity, merged), sort_keys=False).strip()
+    header = yaml.safe_dump(card_header(identity, merged, summary.capabilities), sort_keys=False).strip()
     recipe = summary.recipe or {}
     return f"""---
 {header}
@@ -47,12 +83,15 @@ Method: **{summary.method}**, trial {summary.trial_number}.
 
 {score_rows(summary.scores)}
 
-KL divergence is measured on the first-token distributions of harmless prompts. Refusals
-(markers) count responses to harmful prompts that hold a refusal phrase; broken ones are
-repetition loops, text in another language or garbage; a judge, where one was set, labels the
-full responses as refusal, compliance or broken. The held-out prompts were never seen by the
-search.
-
+KL divergence is measured on harmless prompts: on the first token's distribution, or along the
+first k tokens of the base model's own answer (the held-out row, and a search with `kl_tokens`). Refusals
+(markers) count responses to harmful prompts that hold a refusal phrase: the search reads short
+answers, the held-out evaluation full-length ones as well; broken ones are repetition loops,
+text in another language or garbage; a judge, where one was set, labels the full responses as
+refusal, evasive (a covert refusal: a harmless version of the request, only warnings, or
+useless instructions; counted as refused), compliance or broken. Over-refusals are harmless
+prompts refused. The held-out prompts were never seen by the search.
+{capability_rows(summary.capabilities)}
 ## Parameters
 
 ```json
@@ -95,39 +134,86 @@ apostate reproduce reproduce.json
 """
 
 
-def score_rows(scores: dict) -> str:
-    """The score table: the markers' counts (the search's), the judge's beside them, and the base
-    model's on the same prompts; then refusals per harm category where they were counted."""
-    judges = {s["judged"]["judge"] for s in scores.values() if s.get("judged")}
-    judged_header = f" Judged by {', '.join(sorted(judges))} |" if judges else ""
+def capability_rows(capabilities: dict) -> str:
+    """The benchmarks, base model and this one on the same items, with the paired difference."""
+    if not capabilities:
+        return ""
     lines = [
-        f"| Prompts | Refusals (markers) | Broken (markers) |{judged_header} KL divergence from the base model |",
-        "| :--- | ---: | ---: |" + (" :--- |" if judges else "") + " ---: |",
+        "",
+        "## Capabilities",
+        "",
+        "lm-eval, zero-shot, the same items for both models; the difference is paired per item "
+        "(95% interval; p: exact McNemar test).",
+        "",
+        "| Task | Items | Chance | Base model | This model | Difference (95% interval) | p |",
+        "| :--- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for task, row in capabilities.items():
+        low, high = row["interval"]
+        lines.append(
+            f"| {task} ({row['metric']}) | {row['items']} | {row['chance']:.2f} | "
+            f"{row['base']['accuracy']:.3f} ± {row['base']['stderr']:.3f} | "
+            f"{row['edited']['accuracy']:.3f} ± {row['edited']['stderr']:.3f} | "
+            f"{row['difference']:+.3f} [{low:+.3f}, {high:+.3f}] | {row['p_value']:.2g} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def score_rows(scores: dict) -> str:
+    """The score table: the search's short marker count, the full-length one and the judge's
+    beside it, over-refusals and KL, each with the base model's row on the same prompts; then
+    answers per harm category where they were counted."""
+    judges = {s["judged"]["judge"] for s in scores.values() if s.get("judged")}
+    lines = [
+        "| Prompts | Refused (search's short check, markers) | Refused at full length (markers) | "
+        f"Judged{' by ' + ', '.join(sorted(judges)) if judges else ''} | Over-refusals (harmless) | KL divergence |",
+        "| :--- | ---: | ---: | :--- | ---: | ---: |",
     ]
     for label, s in scores.items():
-        judged = s.get("judged")
-        judged_cell = (
-            f" {judged['refusals']}/{judged['total']} refused, {judged['broken']} broken |" if judged else " - |"
-        )
         lines.append(
-            f"| {label} | {s['refusals']}/{s['total']} | {s.get('broken', 0)} |{judged_cell if judges else ''} "
-            f"{max(s['kl'], 0.0):.4f} |"
+            f"| {label} | {_counts(s)} | {_counts(s.get('full'))} | {_counts(s.get('judged'))} | "
+            f"{_over(s.get('over_refusals'))} | {_kl(s)} |"
         )
         if "base_refusals" in s:  # the unedited model on the same prompts
-            base = s.get("base_judged")
-            base_cell = f" {base['refusals']}/{base['total']} refused, {base['broken']} broken |" if base else " - |"
+            short = f"{s['base_refusals']}/{s['total']}"
             lines.append(
-                f"| {label}, base model | {s['base_refusals']}/{s['total']} | - |{base_cell if judges else ''} 0 |"
+                f"| {label}, base model | {short} | {_counts(s.get('base_full'))} | {_counts(s.get('base_judged'))} | "
+                f"{_over(s.get('base_over_refusals'))} | 0 |"
             )
     for label, s in scores.items():
         if s.get("categories"):
-            lines += ["", f"Refusals on the {label} prompts by category ({s['categories_judge']}):", ""]
-            lines += ["| Category | Refused | Broken |", "| :--- | ---: | ---: |"]
+            lines += ["", f"Answers to the {label} prompts by category ({s['categories_judge']}):", ""]
+            lines += ["| Category | Refused | Evasive | Broken |", "| :--- | ---: | ---: | ---: |"]
             lines += [
-                f"| {category} | {row['refusals']}/{row['total']} | {row['broken']} |"
+                f"| {category} | {row['refusals']}/{row['total']} | {row.get('evasive', 0)} | {row['broken']} |"
                 for category, row in s["categories"].items()
             ]
     return "\n".join(lines)
+
+
+def _counts(counts: dict | None) -> str:
+    """'9/50 (4 evasive), 2 broken': refused (evasive answers included) of all."""
+    if not counts:
+        return "-"
+    evasive = counts.get("evasive", 0)
+    refused = counts["refusals"] + evasive
+    parts = [f"{refused}/{counts['total']}"]
+    if evasive:
+        parts.append(f"({evasive} evasive)")
+    text = " ".join(parts)
+    return f"{text}, {counts['broken']} broken" if counts.get("broken") else text
+
+
+def _over(counts: dict | None) -> str:
+    return f"{counts['refusals']}/{counts['total']}" if counts else "-"
+
+
+def _kl(scores: dict) -> str:
+    """The run's KL, and the first-token KL beside it where the run read more tokens."""
+    text = f"{max(scores['kl'], 0.0):.4f}"
+    if scores.get("kl_tokens", 1) > 1:
+        text += f" ({scores['kl_tokens']} tokens; first token {max(scores['first_token_kl'], 0.0):.4f})"
+    return text
 
 
 def write_card(output_dir: Path, identity: BaseIdentity, summary, merged: bool) -> None:
@@ -141,6 +227,7 @@ def write_card(output_dir: Path, identity: BaseIdentity, summary, merged: bool) 
         "optuna_parameters": summary.raw_parameters,
         "parameters": summary.parameters,
         "scores": summary.scores,
+        "capabilities": summary.capabilities,
         "settings": summary.settings,
     }
     (output_dir / "apostate.json").write_text(json.dumps(record, indent=2, default=str))

@@ -53,6 +53,7 @@ class TrialSummary:
     scores: dict  # label -> {"refusals", "broken", "total", "kl", and "judged": {...} where a judge re-scored}
     settings: dict = field(default_factory=dict)
     recipe: dict = field(default_factory=dict)  # what rebuilds the weights (reproduce.py); empty: no reproduce.json
+    capabilities: dict = field(default_factory=dict)  # task -> base and edited accuracy, paired difference
 
 
 def save_merged(

@@ -1,5 +1,6 @@
-"""How far a model moved: KL divergence of first-token distributions, and what its responses to
-harmful prompts are (refusals, real answers, broken text), as a judge counts them."""
+"""How far a model moved: KL divergence of next-token distributions on harmless prompts (the
+first token, or the first k positions of the base model's own answer), and what its responses
+to harmful prompts are (refusals, real answers, broken text), as a judge counts them."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ class ScoringOptions:
     max_response_tokens: int  # tokens generated per response
     refusal_markers: list[str]  # the marker judge's
     reuse_responses: bool = True  # earlier trials' responses as speculative drafts
+    kl_tokens: int = 1  # positions of the base model's answer the KL reads (1: the first token)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class Scorer:
         judge: MarkerJudge,
         max_new_tokens: int,
         label: str,
+        kl_tokens: int = 1,
     ):
         self.harmless = harmless
         self.harmful = harmful
@@ -69,7 +72,11 @@ class Scorer:
         self.judge = judge
         self.max_new_tokens = max_new_tokens
         self.label = label
-        self.base_logprobs: torch.Tensor | None = None
+        self.kl_tokens = kl_tokens
+        self.base_logprobs: torch.Tensor | None = None  # first token, (texts, vocab)
+        self.base_answers: list[list[int]] = []  # the base model's to the harmless texts (kl_tokens > 1)
+        self.answers: PromptSet | None = None  # the harmless texts followed by them
+        self.base_answer_logprobs: list[torch.Tensor] | None = None
 
     @property
     def harmful_count(self) -> int:
@@ -79,23 +86,64 @@ class Scorer:
         """Measure the unedited model: its distributions become the KL reference."""
         self.base_logprobs = self.harmless.first_token_logprobs(model)
         self.harmless.remember_base(logprobs=self.base_logprobs)
+        self._answers_reference(model, self.base_harmless_answers(model))
         counts = self.count(model)
         return Scores(0.0, counts.refusals, counts.total, counts.broken)
+
+    def base_harmless_answers(self, model) -> list[list[int]]:
+        """The unedited model's greedy answers to the harmless prompts, as long as the KL reads them
+        (empty for the first-token KL)."""
+        if self.kl_tokens == 1:
+            return []
+        with track(f"{self.label}: base answers", len(self.harmless)) as advance:
+            return self.harmless.greedy_tokens(model, self.kl_tokens - 1, advance=advance)
+
+    def _answers_reference(self, model, answers: list[list[int]]) -> None:
+        """The base model's distributions along its own answers (one pass; kl_tokens > 1 only)."""
+        if self.kl_tokens == 1:
+            return
+        self.base_answers = [answer[: self.kl_tokens - 1] for answer in answers]
+        self.answers = self.harmless.continued(self.base_answers)
+        self.base_answer_logprobs = self.answers.answer_logprobs(model)
+        self.answers.remember_base(logprobs=self.base_logprobs)
+        self.harmful.nearness = self.answers  # its latest first-token distributions sign the model
 
     def base_responses(self) -> list[list[int]]:
         """The token ids the base model answered the harmful prompts with (after `record_base`)."""
         return self.harmful.latest_responses()
 
-    def resume_from_base(self, base_logprobs: torch.Tensor, base_responses: list[list[int]]) -> None:
-        """Take the base model's scores measured earlier: its distributions, and its responses as drafts."""
+    def resume_from_base(
+        self,
+        base_logprobs: torch.Tensor,
+        base_responses: list[list[int]],
+        base_answers: list[list[int]] | None = None,
+        model=None,
+    ) -> None:
+        """Take the base model's scores measured earlier: its distributions, its responses as drafts,
+        and its answers to the harmless prompts (kl_tokens > 1: `model`, still unedited, measures
+        its distributions along them once more: one pass, cheaper to redo than to store)."""
         self.base_logprobs = base_logprobs
         self.harmless.remember_base(logprobs=base_logprobs)
         self.harmful.remember_base(responses=base_responses)
+        if self.kl_tokens > 1:
+            self._answers_reference(model, base_answers or [])
 
     def kl(self, model, edited_layers: set[int] | None = None) -> float:
-        """KL(base ‖ model), averaged over the harmless prompts."""
-        logprobs = self.harmless.first_token_logprobs(model, edited_layers)
-        return kl_divergence(self.base_logprobs, logprobs)
+        """KL(base ‖ model), averaged over the harmless prompts: at the first token, or (kl_tokens > 1)
+        averaged over the positions of each base answer first (see answer_kl)."""
+        if self.kl_tokens == 1:
+            return self.first_token_kl(model, edited_layers)
+        return answer_kl(self.base_answer_logprobs, self.answers.answer_logprobs(model, edited_layers))
+
+    def first_token_kl(self, model, edited_layers: set[int] | None = None) -> float:
+        """KL(base ‖ model) of the first token, whatever kl_tokens is."""
+        return kl_divergence(self.base_logprobs, self.harmless.first_token_logprobs(model, edited_layers))
+
+    def harmless_refusals(self, model) -> list[bool]:
+        """Per harmless prompt: does the model's short answer hold a refusal marker (over-refusal)?"""
+        with track(f"{self.label}: harmless answers", len(self.harmless)) as advance:
+            responses = self.harmless.greedy_responses(model, self.max_new_tokens, self.judge.decided, advance=advance)
+        return [self.judge.refuses(response) for response in responses]
 
     def count(self, model, edited_layers: set[int] | None = None) -> VerdictCounts:
         return VerdictCounts.of(self.verdicts(model, edited_layers=edited_layers))
@@ -105,13 +153,20 @@ class Scorer:
         responses = self.responses(model, early_stop, edited_layers)
         return self.judge.verdicts(self.harmful_prompts, responses)
 
-    def responses(self, model, early_stop: bool = True, edited_layers: set[int] | None = None) -> list[str]:
-        """The greedy responses to the harmful prompts; with `early_stop`, each stops at its first
-        refusal marker (the marker verdict is decided there), so those are cut short."""
+    def responses(
+        self,
+        model,
+        early_stop: bool = True,
+        edited_layers: set[int] | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[str]:
+        """The greedy responses to the harmful prompts, `max_new_tokens` long (default: the search's
+        length); with `early_stop`, each stops at its first refusal marker (the marker verdict is
+        decided there), so those are cut short."""
         with track(f"{self.label}: refusals", self.harmful_count) as advance:
             return self.harmful.greedy_responses(
                 model,
-                self.max_new_tokens,
+                max_new_tokens or self.max_new_tokens,
                 stop_when=self.judge.decided if early_stop else None,
                 edited_layers=edited_layers,
                 advance=advance,
@@ -128,6 +183,19 @@ def kl_divergence(base_logprobs: torch.Tensor, logprobs: torch.Tensor) -> float:
     negative; computed in float32 for two nearly equal distributions it can come out a rounding
     below zero, which is 0."""
     return max(F.kl_div(logprobs, base_logprobs, reduction="batchmean", log_target=True).item(), 0.0)
+
+
+def answer_kl(base: list[torch.Tensor], model: list[torch.Tensor]) -> float:
+    """KL(base ‖ model) along the base model's own answers, teacher-forced:
+
+        KL_k = (1/N) Σ_prompts (1/n_i) Σ_{t < n_i} KL(p_base(· | x, y_<t) ‖ p_model(· | x, y_<t))
+
+    with y the base answer and n_i = min(k, its length + 1). At k = 1 it is the first-token KL."""
+    per_prompt = [
+        F.kl_div(rows, base_rows, reduction="sum", log_target=True).item() / len(rows)
+        for base_rows, rows in zip(base, model, strict=True)
+    ]
+    return max(sum(per_prompt) / len(per_prompt), 0.0)
 
 
 def build_scorer(
@@ -152,4 +220,4 @@ def build_scorer(
     )
     prompts = getattr(texts.prompts.harmful, subset)
     judge = MarkerJudge(options.refusal_markers)
-    return Scorer(harmless, harmful, prompts, judge, options.max_response_tokens, subset)
+    return Scorer(harmless, harmful, prompts, judge, options.max_response_tokens, subset, options.kl_tokens)

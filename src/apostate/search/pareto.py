@@ -15,6 +15,7 @@ import optuna
 from rich.table import Table
 
 from apostate.progress import console
+from apostate.scoring.verdicts import VerdictCounts
 from apostate.search.study import completed
 from apostate.search.trial_record import TrialRecord
 
@@ -83,11 +84,12 @@ def write_pareto(study: optuna.Study, run_dir: Path, base: BaseScores, model_nam
 
 
 def _front_record(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict:
-    """A Pareto trial's record, with its held-out scores (and categories) where it was evaluated."""
+    """A Pareto trial's record, with its held-out scores (and categories) and capabilities where it was evaluated."""
     record = trial_record(trial, judged_counts(study, trial.number))
-    heldout = study.user_attrs.get(f"heldout_{trial.number}")
-    if heldout:
-        record["heldout"] = heldout
+    for key in ("heldout", "capabilities"):
+        measured = study.user_attrs.get(f"{key}_{trial.number}")
+        if measured:
+            record[key] = measured
     return record
 
 
@@ -124,9 +126,11 @@ def kl_text(kl: float) -> str:
 
 
 def count_text(counts: dict) -> str:
-    """'5/50 refused, 2 broken': a judge's counts, short."""
-    broken = f", {counts['broken']} broken" if counts.get("broken") else ""
-    return f"{counts['refusals']}/{counts['total']} refused{broken}"
+    """'5/50 refused (3 evasive), 2 broken': a judge's counts, short; evasive answers count as refused."""
+    refused = VerdictCounts.from_dict(counts)
+    evasive = f" ({refused.evasive} evasive)" if refused.evasive else ""
+    broken = f", {refused.broken} broken" if refused.broken else ""
+    return f"{refused.refused}/{refused.total} refused{evasive}{broken}"
 
 
 def parameter_summary(parameters: dict) -> str:

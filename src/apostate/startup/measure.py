@@ -41,11 +41,16 @@ class Startup:
     base_responses: list[list[int]]  # the base model's responses to them (token ids): the first trial's drafts
     seconds: dict[str, float]
     warnings: list[str] = field(default_factory=list)  # what the checks on these measurements found
+    # kl_tokens > 1: its greedy answers to the harmless evaluation prompts (token ids), the KL's path
+    base_harmless_answers: list[list[int]] = field(default_factory=list)
 
 
-def scoring_options(settings: Settings) -> ScoringOptions:
-    """What a scorer reads of the run's settings."""
-    return ScoringOptions(settings.max_response_tokens, list(settings.refusal_markers), settings.reuse_responses)
+def scoring_options(settings: Settings, evaluation: bool = False) -> ScoringOptions:
+    """What a scorer reads of the run's settings (`evaluation`: the held-out evaluation's, whose KL
+    reads `evaluation_kl_tokens` of the base answers)."""
+    markers = list(settings.refusal_markers)
+    kl_tokens = settings.evaluation_kl_tokens if evaluation else settings.kl_tokens
+    return ScoringOptions(settings.max_response_tokens, markers, settings.reuse_responses, kl_tokens)
 
 
 def prepare(
@@ -88,7 +93,7 @@ def prepare(
         warn(message)
     startup = Startup(
         batch_size, prefix, directions, scorer.base_logprobs, base.refusals, scorer.base_responses(), seconds,
-        sample.warnings + findings,
+        sample.warnings + findings, scorer.base_answers,
     )  # fmt: skip
     partial = cache.with_name(f".{cache.name}.partial")  # a kill while writing leaves no half cache
     write_startup(startup, key, partial)

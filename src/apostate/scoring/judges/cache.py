@@ -1,5 +1,5 @@
-"""Verdicts kept on disk per run (SQLite), keyed by judge, prompt and response: a resumed run or
-a second re-scoring asks the judge only about pairs it has not seen."""
+"""Verdicts kept on disk per run (SQLite), keyed by judge, rubric, prompt and response: a resumed
+run or a second re-scoring asks the judge only about pairs it has not seen (under this rubric)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import hashlib
 import sqlite3
 from pathlib import Path
 
+from apostate.scoring.judges.rubric import RUBRIC
 from apostate.scoring.verdicts import Verdict
+
+RUBRIC_DIGEST = hashlib.sha256(RUBRIC.encode()).hexdigest()[:12]  # a new rubric asks again
 
 
 class VerdictCache:
@@ -55,7 +58,8 @@ class CachedJudge:
         self.judge.check()
 
     def verdicts(self, prompts: list[str], responses: list[str], choices: tuple[Verdict, ...]) -> list[Verdict | None]:
-        key = f"{self.name}|{','.join(choice.value for choice in choices)}"  # the choices change a verdict
+        choice_names = ",".join(choice.value for choice in choices)  # the choices change a verdict
+        key = f"{self.name}|{choice_names}|{RUBRIC_DIGEST}"
         found = [self.cache.get(key, prompt, response) for prompt, response in zip(prompts, responses, strict=True)]
         missing = [index for index, verdict in enumerate(found) if verdict is None]
         if missing:

@@ -40,14 +40,14 @@ class EndpointJudge:
         if parse_label(reply) is None:
             raise ApostateError(
                 f"judge endpoint {self.url} (model '{self.model}') replied {reply[:60]!r}, which names no label "
-                "(refusal, compliance or broken); pick a model that follows instructions"
+                "(refusal, evasive, compliance or broken); pick a model that follows instructions"
             )
 
     def verdicts(
         self, prompts: list[str], responses: list[str], choices: tuple[Verdict, ...] = ()
     ) -> list[Verdict | None]:
         """One verdict per pair; None where the reply named no label. (`choices` are not enforced:
-        the rubric asks for all three labels, and a reply is taken as it comes.)"""
+        the rubric asks for all four labels, and a reply is taken as it comes.)"""
         with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
             replies = list(pool.map(self._reply, prompts, responses))
         labels = [parse_label(reply) for reply in replies]

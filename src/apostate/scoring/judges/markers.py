@@ -40,7 +40,7 @@ class MarkerJudge:
         """Nothing to check: markers need no model or network."""
 
     def verdicts(self, prompts: list[str], responses: list[str], choices: tuple[Verdict, ...] = ()) -> list[Verdict]:
-        """`choices` are ignored: markers always decide among all three labels."""
+        """`choices` are ignored: markers decide among refusal, compliance and broken (never evasive)."""
         return [self.verdict(prompt, response) for prompt, response in zip(prompts, responses, strict=True)]
 
     def verdict(self, prompt: str, response: str) -> Verdict:

@@ -18,8 +18,9 @@ from apostate.scoring.verdicts import Verdict
 VERDICT_CACHE = "verdicts.sqlite"
 
 
-ALL_LABELS = (Verdict.REFUSAL, Verdict.COMPLIANCE, Verdict.BROKEN)
-AGREES = (Verdict.REFUSAL, Verdict.COMPLIANCE)  # a judge checking a marker refusal: does it agree?
+ALL_LABELS = (Verdict.REFUSAL, Verdict.EVASIVE, Verdict.COMPLIANCE, Verdict.BROKEN)
+# A judge checking a marker refusal: open refusal, covert one (a marker word in a lecture), or an answer.
+AGREES = (Verdict.REFUSAL, Verdict.EVASIVE, Verdict.COMPLIANCE)
 
 
 class Judge(Protocol):
@@ -37,8 +38,9 @@ class RefinedJudge:
     """The cheap broken checks first (what they flag is broken, whatever a judge says); then the
     markers; then the judge, on the responses its scope names:
     - 'marker-refusals': only the marker refusals, and a refusal stands only if the judge agrees
-      (refusal or compliance, its only choices);
-    - 'all': every response the cheap checks pass, with all three labels.
+      (refusal, evasive or compliance, its only choices);
+    - 'all': every response the cheap checks pass, with all four labels (the only scope that
+      finds evasions without a marker word).
     Where the judge names no label, the marker verdict stands."""
 
     def __init__(self, judge, markers: MarkerJudge, scope: str = "marker-refusals"):

@@ -36,7 +36,7 @@ class JudgeSettings(BaseModel):
         default="marker-refusals",
         description="'marker-refusals': the judge reads only the responses the refusal markers call refusals, "
         "and a refusal stands only if it agrees (small local judges are precise this way, and it is cheap); "
-        "'all': the judge labels every response (refusal, compliance or broken), which also finds soft "
+        "'all': the judge labels every response (refusal, evasive, compliance or broken), which also finds covert "
         "refusals without marker words: for strong judges, such as a large model behind an endpoint.",
     )
     batch_size: int = Field(default=8, ge=1, description="Pairs per forward pass of a local judge model.")
