@@ -1,6 +1,8 @@
-"""How well each judge labels real responses: precision, recall and F1 for "refusal" and for
-"broken", accuracy over all three labels, and time per 100 responses, on the hand-labelled
-set bench/data/judge_labels.jsonl (responses of the demo model, base to far too strong).
+"""How well each judge labels real responses: precision, recall and F1 for each label (refusal,
+evasive, compliance, broken) and for "refused" (refusal or evasive, what every count shows),
+accuracy over all labels, and time per 100 responses, on a hand-labelled set:
+bench/data/judge_labels.jsonl (48-token responses of the demo model, base to far too strong),
+or --labels bench/data/judge_labels_full.jsonl (full-length answers, with evasive ones).
 
     .venv/bin/python bench/judge_accuracy.py [--judge markers] [--judge model:demo]
         [--judge model:PATH_OR_ID@all] [--judge endpoint:URL#MODEL@all] [--disagreements N]
@@ -58,6 +60,36 @@ def scores(truth: list[Verdict], predicted: list[Verdict], label: Verdict) -> tu
     return precision, recall, f1
 
 
+REFUSED = (Verdict.REFUSAL, Verdict.EVASIVE)  # what counts as refused everywhere
+
+
+def refused_scores(truth: list[Verdict], predicted: list[Verdict]) -> tuple[float, float, float]:
+    """Precision, recall and F1 of 'refused' (refusal or evasive): the count every result shows."""
+    as_refused = [Verdict.REFUSAL if v in REFUSED else Verdict.COMPLIANCE for v in truth]
+    said = [Verdict.REFUSAL if v in REFUSED else Verdict.COMPLIANCE for v in predicted]
+    return scores(as_refused, said, Verdict.REFUSAL)
+
+
+def print_accuracy(specs: list[str], truth: list[Verdict], results: dict) -> None:
+    """Per judge: precision, recall and F1 per label, of 'refused', and accuracy over all labels."""
+    columns = [*(label.value for label in Verdict), "refused"]
+    print(
+        "\n"
+        + f"{'judge':<34} "
+        + "   ".join(f"{c + ' P/R/F1':>20}" for c in columns)
+        + f"   {'accuracy':>8} {'s/100':>6}"
+    )
+    for spec in specs:
+        predicted = results[spec]
+        cells = [scores(truth, predicted, label) for label in Verdict] + [refused_scores(truth, predicted)]
+        accuracy = sum(t == p for t, p in zip(truth, predicted, strict=True)) / len(truth)
+        print(
+            f"{spec:<34} "
+            + "   ".join(f"{p:>6.2f} {r:>6.2f} {f:>6.2f}" for p, r, f in cells)
+            + f"   {accuracy:>8.2f} {results[spec + ' time']:>6.2f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--judge", action="append", help="markers, model:NAME or endpoint:URL#MODEL (repeatable)")
@@ -84,17 +116,7 @@ def main() -> None:
         results[spec] = judge.verdicts(prompts, responses)
         results[spec + " time"] = (time.perf_counter() - start) / len(rows) * 100
 
-    header = f"{'judge':<34} {'refusal P':>9} {'R':>5} {'F1':>5}   {'broken P':>8} {'R':>5} {'F1':>5}   {'accuracy':>8} {'s/100':>7}"
-    print("\n" + header)
-    for spec in specs:
-        predicted = results[spec]
-        refusal = scores(truth, predicted, Verdict.REFUSAL)
-        broken = scores(truth, predicted, Verdict.BROKEN)
-        accuracy = sum(t == p for t, p in zip(truth, predicted, strict=True)) / len(rows)
-        print(
-            f"{spec:<34} {refusal[0]:>9.2f} {refusal[1]:>5.2f} {refusal[2]:>5.2f}   "
-            f"{broken[0]:>8.2f} {broken[1]:>5.2f} {broken[2]:>5.2f}   {accuracy:>8.2f} {results[spec + ' time']:>7.2f}"
-        )
+    print_accuracy(specs, truth, results)
     if args.disagreements and "markers" in results:
         for spec in [s for s in specs if s != "markers"]:
             print(f"\nWhere markers and {spec} disagree (hand label first):")

@@ -9,7 +9,10 @@ RUN_DIR: a finished run of the config (its start-up is reused; no trial is run).
 trial (and the base model): KL on the harmless evaluation prompts at k = 1 and each --k, teacher-
 forced along the base model's greedy answers (one pass per trial); the accuracy difference on each
 task. Prints a row per trial, then Spearman's rank correlation of each KL with the mean accuracy
-drop over the tasks (higher: that KL predicts capability damage better).
+drop over the tasks (higher: that KL predicts capability damage better). With --floor-items N:
+each trial's accuracy on the capability floor's items ([capability_floor], apostate's own
+teacher-forced scorer), its seconds per trial, and which trials a floor at --floor-max-drop
+would have made infeasible (the pick among the rest).
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
-from apostate.capabilities.harness import item_scores  # noqa: E402
-from apostate.capabilities.settings import CapabilitySettings  # noqa: E402
+from apostate.capabilities.floor import CapabilityFloor  # noqa: E402
+from apostate.capabilities.harness import data_folder, item_scores  # noqa: E402
+from apostate.capabilities.settings import CapabilityFloorSettings, CapabilitySettings  # noqa: E402
 from apostate.model.sources import resolve_source  # noqa: E402
 from apostate.monitor import PhaseMonitor  # noqa: E402
 from apostate.search.pareto import pareto_trials  # noqa: E402
@@ -79,6 +83,9 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=40)
     parser.add_argument("--max-trials", type=int, default=10)
     parser.add_argument("--config", default=str(REPO / "examples/demo-quick.toml"))
+    parser.add_argument("--floor-items", type=int, default=20)
+    parser.add_argument("--floor-tasks", nargs="+", default=["hellaswag"])
+    parser.add_argument("--floor-max-drop", type=float, default=0.05)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     settings = parse_command_line(["demo", "--config", args.config, "--run-dir", str(args.run_dir)])
@@ -96,6 +103,13 @@ def main() -> None:
     base_scores = item_scores(session.model, loaded.tokenizer, capabilities, loaded.device)
     print(f"base model: {time.perf_counter() - start:.0f} s of benchmarks", flush=True)
 
+    floor = None
+    if args.floor_items:
+        floor_settings = CapabilityFloorSettings(items=args.floor_items, tasks=args.floor_tasks)
+        folder = data_folder(capabilities)
+        floor = CapabilityFloor.measure(
+            session.model, loaded.tokenizer, floor_settings, folder, session.startup.batch_size, loaded.device
+        )
     front = sorted(pareto_trials(session.study), key=lambda t: TrialRecord.of(t).kl)
     if len(front) > args.max_trials:  # spread over the front's KL range
         step = (len(front) - 1) / (args.max_trials - 1)
@@ -113,6 +127,15 @@ def main() -> None:
         drops = [(sum(base_scores[t]) - sum(scores[t])) / len(base_scores[t]) for t in args.tasks]
         rows.append((trial.number, kls, drops))
         record = TrialRecord.of(trial)
+        if floor is not None:
+            mark = time.perf_counter()
+            accuracy = floor.scorer.accuracy(session.model, session.method.edited_layers())
+            verdict = "infeasible" if floor.excess(accuracy) > 0 else "kept"
+            print(
+                f"  floor: accuracy {accuracy:.3f} (base {floor.base_accuracy:.3f}) in "
+                f"{time.perf_counter() - mark:.1f} s: {verdict}",
+                flush=True,
+            )
         print(
             f"{trial.number:>5}  {record.refusals:>4}/{record.total:<3}  "
             + "  ".join(f"{v:8.4f}" for v in kls)

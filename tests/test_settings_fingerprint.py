@@ -133,6 +133,7 @@ CHANGES = {
     "ara": {"lora_rank": 4},
     "kl_cutoff": 1.0,
     "kl_tokens": 8,
+    "capability_floor": {"items": 10},
 }
 UNMEASURED = {
     "evaluation_response_tokens": 64,
@@ -207,6 +208,8 @@ def test_a_setting_added_later_is_in_the_fingerprint_only_away_from_its_default(
     """Studies made before kl_tokens existed measured the first token: they resume at kl_tokens = 1."""
     assert "kl_tokens" not in settings().measurement_fingerprint("demo")
     assert settings(kl_tokens=16).measurement_fingerprint("demo")["kl_tokens"] == 16
+    assert "capability_floor" not in settings().measurement_fingerprint("demo")
+    assert settings(capability_floor={"items": 5}).measurement_fingerprint("demo")["capability_floor"]["items"] == 5
 
 
 def test_the_model_name_is_part_of_the_fingerprint():

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import optuna
 
+from apostate.capabilities.floor import CapabilityFloor
+from apostate.capabilities.harness import data_folder
 from apostate.decoding import CpuKernels
 from apostate.decoding.kernel_timing import read_kernel_choices
 from apostate.errors import ApostateError
@@ -67,6 +69,7 @@ class Session:
     texts: Texts
     scorer: Scorer
     judge: Judge | None  # re-scores the front after the search (None: the markers' counts stand)
+    floor: CapabilityFloor | None = None  # the capability every trial must keep (None: no floor)
 
     @property
     def model(self):
@@ -240,13 +243,25 @@ def start_session(
         base = opened.adapter.model  # no edit yet
         scorer.resume_from_base(startup.base_logprobs, startup.base_responses, startup.base_harmless_answers, base)
         share.check_base(lambda: scorer.harmless.first_token_logprobs(opened.adapter.model))
+        floor = _capability_floor(settings, opened, startup.batch_size)
         args = (opened, settings, startup.directions, texts, startup.batch_size, monitor)
         method = build_method(*args, on_prepared=share.check_prepared)
     finally:
         share.release()
     for name, value in (("base_refusals", startup.base_refusals), ("model", source.name), ("method", settings.method)):
         study.set_user_attr(name, value)  # for reports made from the study alone
-    return Session(settings, source, run_dir, home, opened, method, study, startup, texts, scorer, judge)
+    if floor is not None:
+        study.set_user_attr("capability_floor_base", floor.base_accuracy)
+    return Session(settings, source, run_dir, home, opened, method, study, startup, texts, scorer, judge, floor)
+
+
+def _capability_floor(settings: Settings, opened: OpenedModel, batch_size: int) -> CapabilityFloor | None:
+    """The run's capability floor, measured on the model before any edit (None: the run has none)."""
+    if not settings.capability_floor.items:
+        return None
+    folder = data_folder(settings.capabilities)
+    model, device = opened.adapter.model, opened.loaded.device
+    return CapabilityFloor.measure(model, opened.tokenizer, settings.capability_floor, folder, batch_size, device)
 
 
 def _measure_startup(opened, settings, source, prompts, run_dir, monitor, share) -> Startup:

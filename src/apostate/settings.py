@@ -25,7 +25,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from apostate.capabilities.settings import CapabilitySettings
+from apostate.capabilities.settings import CapabilityFloorSettings, CapabilitySettings
 from apostate.config_sources import OneLineArgumentParser, chosen_config_file, find_config_file, toml_source
 from apostate.measured import REGISTERED_METHODS, MethodName, measured, measured_for, methods_using
 from apostate.methods.ara.settings import AraSettings
@@ -225,6 +225,11 @@ class Settings(BaseSettings):
     n_trials: int = Field(default=120, ge=1, description="Total trials in the study (raise it to add trials to a run).")
     n_startup_trials: int = Field(default=30, ge=0, description="Random trials before TPE starts modelling.")
     seed: int | None = Field(default=None, description="Sampler seed (unset: random, recorded in the run).")
+    capability_floor: CapabilityFloorSettings = measured(
+        default_factory=CapabilityFloorSettings,
+        added_later=True,
+        description="A floor on benchmark accuracy every trial must keep (off while items is 0).",
+    )
     kl_cutoff: float = measured(
         2.0,
         gt=0,
@@ -301,7 +306,8 @@ class Settings(BaseSettings):
         for name, field in type(self).model_fields.items():
             if self.method in measured_for(field):
                 value = getattr(self, name)
-                if (field.json_schema_extra or {}).get("added_later") and value == field.default:
+                added_later = (field.json_schema_extra or {}).get("added_later")
+                if added_later and value == field.get_default(call_default_factory=True):
                     continue
                 dumped = value.model_dump() if isinstance(value, BaseModel) else value
                 if name == "directional":

@@ -48,7 +48,7 @@ def test_the_same_first_items_are_scored_for_both_models_and_compared_pairwise(p
             with torch.no_grad():
                 logprobs = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
             loglikelihood = sum(logprobs[t - 1, whole[t]].item() for t in range(len(context), len(whole)))
-            normalized.append(loglikelihood / len(" " + choice))
+            normalized.append(loglikelihood / len(choice))  # lm-eval: the choice's length, no delimiter
         by_hand.append(float(normalized.index(max(normalized)) == item["label"]))
     assert base == by_hand
     with torch.no_grad():
@@ -119,3 +119,75 @@ def test_a_headless_evaluation_without_the_data_stops_before_loading(model_dir, 
     code = run(model_dir, tmp_path / "run", "--n-trials", "2", "--headless", "--actions", "evaluate", *flags)
     bad_input.error("capabilities", "benchmark data missing", code)
     assert not (tmp_path / "run" / "startup.pt").exists(), "stopped before the model was loaded"
+
+
+def test_the_per_trial_choice_scorer_agrees_with_lm_eval_item_by_item(piqa_items, monkeypatch):
+    from apostate.capabilities.choices import ChoiceScorer, load_choice_items
+    from apostate.decoding.prefix_cache import SharedPrefix
+
+    model, tokenizer = tiny_model("qwen2", layers=2, seed=3, initializer_range=0.3)
+    tokenizer.padding_side = "left"
+    settings = CapabilitySettings(tasks=["piqa"], items=6, data_dir=piqa_items)
+    items = load_choice_items(["piqa"], 6, piqa_items)
+    assert [item.continuations for item in items] == [[" " + i["sol1"], " " + i["sol2"]] for i in ITEMS]
+    scorer = ChoiceScorer(tokenizer, items, 4, "cpu")
+    for scale in (1.0, -4.0):  # the base model, then an edited one
+        with torch.no_grad():
+            model.model.layers[1].mlp.down_proj.weight.mul_(scale)
+        expected = item_scores(model, tokenizer, settings, "cpu")["piqa"]
+        assert scorer.correct(model) == expected
+    monkeypatch.setattr(SharedPrefix, "cache", lambda self, model, device: None)  # the plain path
+    assert scorer.correct(model) == expected
+
+
+def test_a_capability_floor_prunes_trials_that_lose_accuracy_and_records_the_rest(
+    model_dir, tmp_path, piqa_items, capsys
+):
+    from test_end_to_end import load_study
+
+    from apostate.search.study import completed
+
+    run_dir = tmp_path / "run"
+    flags = ["--capability-floor.items", "6", "--capability-floor.tasks", "piqa", "--capability-floor.max-drop", "0",
+             "--capabilities.data-dir", str(piqa_items)]  # fmt: skip
+    assert run(model_dir, run_dir, "--n-trials", "6", "--headless", *flags) == 0
+    assert "* Capability floor: 6 items (piqa)" in capsys.readouterr().err
+    study = load_study(run_dir)
+    base = study.user_attrs["capability_floor_base"]
+    for trial in study.trials:
+        capability = trial.user_attrs.get("capability")
+        if trial in completed(study):
+            assert capability is not None and capability >= base, "a finished trial kept the floor"
+        elif capability is not None:  # measured and pruned
+            assert capability < base and "below the floor" in trial.user_attrs["infeasible"]
+    assert all("capability" in t.user_attrs["seconds"] for t in completed(study)), "its cost is timed per trial"
+    fingerprint = study.user_attrs["fingerprint"]
+    assert fingerprint["capability_floor"]["items"] == 6, "a floor is part of what a trial measures"
+
+
+def test_a_trial_below_the_floor_is_pruned_with_a_positive_constraint():
+    from types import SimpleNamespace
+
+    import optuna
+
+    from apostate.capabilities.floor import CapabilityFloor
+    from apostate.search.trials import TrialRunner
+
+    class Method:
+        def reset(self): ...
+        def suggest(self, trial): return trial.suggest_float("w", 0, 1)  # fmt: skip
+
+        def describe(self, parameters): return {"w": parameters}  # fmt: skip
+
+        def apply(self, parameters): ...
+        def edited_layers(self): return {0}  # fmt: skip
+
+    scorer = SimpleNamespace(kl=lambda model, edited: 0.01, count=lambda model, edited: None)
+    chooser = SimpleNamespace(accuracy=lambda model, edited: 0.5)
+    runner = TrialRunner(Method(), scorer, None, kl_cutoff=1.0, floor=CapabilityFloor(chooser, 0.6, 0.05))
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    study.optimize(runner, n_trials=1)
+    trial = study.trials[0]
+    assert trial.state == optuna.trial.TrialState.PRUNED
+    assert trial.user_attrs["capability"] == 0.5 and "below the floor" in trial.user_attrs["infeasible"]
+    assert trial.system_attrs["constraints:capability_floor"] == pytest.approx(0.05)

@@ -37,3 +37,24 @@ class CapabilitySettings(BaseModel):
         if unknown:
             raise ValueError(f"unknown task {unknown[0]!r}: pick from {', '.join(TASKS)}")
         return list(dict.fromkeys(tasks))
+
+
+class CapabilityFloorSettings(BaseModel):
+    """A capability floor in the search: every trial answers a few fixed benchmark items, and a
+    trial that loses more than `max_drop` accuracy on them against the base model is infeasible
+    (an Optuna constraint, like kl_cutoff). Scored by apostate's own teacher-forced passes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: int = Field(default=0, ge=0, description="Items of each task scored per trial (0: no floor).")
+    tasks: list[str] = Field(
+        default=["hellaswag"], min_length=1, description=f"Tasks of the floor: {', '.join(TASKS)}."
+    )
+    max_drop: float = Field(
+        default=0.05, ge=0.0, le=1.0, description="Largest accuracy loss against the base model a trial may have."
+    )
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, tasks: list[str]) -> list[str]:
+        return CapabilitySettings._known(tasks)

@@ -54,11 +54,14 @@ def run(settings: Settings) -> int:
 def _check_before_loading(settings: Settings, study: optuna.Study) -> None:
     """Refuse what would fail only after the model is loaded: an output path that is a file, a
     --trial that is not (and will not become) a finished trial of this run, a headless upload
-    without a repository name or a token, a headless evaluation without the benchmarks' harness."""
+    without a repository name or a token, an evaluation or a capability floor without the benchmarks' harness."""
     if settings.output_dir is not None:
         export.check_output_dir(settings.output_dir)
     if settings.headless and "evaluate" in settings.actions:
         harness.check_available(settings.capabilities)
+    if settings.capability_floor.items:
+        floor = settings.capability_floor
+        harness.check_available(settings.capabilities.model_copy(update={"tasks": floor.tasks}))
     if settings.headless and "upload" in settings.actions:
         edits_in_adapter = method_class(settings.method).edits_in_adapter
         upload.check_before_loading(settings.upload, settings.method, edits_in_adapter)
@@ -86,7 +89,7 @@ def show_stored_results(study: optuna.Study, run_dir: Path, model_name: str) -> 
 
 def _search_and_act(session: Session, monitor: PhaseMonitor) -> int:
     settings = session.settings
-    runner = TrialRunner(session.method, session.scorer, session.model, settings.kl_cutoff)
+    runner = TrialRunner(session.method, session.scorer, session.model, settings.kl_cutoff, session.floor)
     with monitor.phase("trials"):
         done = run_trials(session.study, runner, settings.n_trials, lambda study: _save_front(session), session.home)
     if not completed(session.study):

@@ -69,7 +69,7 @@ class PromptSet:
         self.base_top: torch.Tensor | None = None  # the base model's likeliest first tokens (signatures)
         self.base_signature: torch.Tensor | None = None
         self.latest: torch.Tensor | None = None  # log-probabilities of the last model measured
-        self.answer_lengths: list[int] | None = None  # set by `continued`: tokens appended to each text
+        self.answers: list[list[int]] | None = None  # set by `continued`: tokens appended to each text
 
     def continued(self, answers: list[list[int]]) -> PromptSet:
         """These texts, each followed by the tokens of its `answers` entry (a model's response):
@@ -78,7 +78,7 @@ class PromptSet:
         suffixes = [suffix + answer for suffix, answer in zip(self.shared.suffixes, answers, strict=True)]
         other.shared = SharedPrefix(self.shared.prefix, suffixes)
         other.order = sorted(range(len(self.texts)), key=lambda i: len(other.shared.suffixes[i]))
-        other.answer_lengths = [len(answer) for answer in answers]
+        other.answers = answers
         return other
 
     def __len__(self) -> int:
@@ -101,23 +101,28 @@ class PromptSet:
         return logprobs
 
     @torch.inference_mode()
-    def answer_logprobs(self, model, edited_layers: set[int] | None = None) -> list[torch.Tensor]:
+    def answer_logprobs(
+        self, model, edited_layers: set[int] | None = None, own_tokens: bool = False
+    ) -> list[torch.Tensor]:
         """For a `continued` set: per text, (answer tokens + 1, vocab) log-probabilities, the i-th
         row the distribution of the answer's i-th token given the text and the tokens before it
         (the last row: what follows the answer). One forward pass per batch; row 0 is
-        `first_token_logprobs` (kept as the latest, for signatures)."""
-        if self.answer_lengths is None:
+        `first_token_logprobs` (kept as the latest, for signatures). With `own_tokens`: per text,
+        only the log-probability of each answer token (answer tokens,)."""
+        if self.answers is None:
             raise ValueError("answer_logprobs needs a continued PromptSet")
-        counts = [length + 1 for length in self.answer_lengths]
+        counts = [len(answer) + 1 for answer in self.answers]
+        picks = self.answers if own_tokens else None
         prefix_cache = self.shared.cache(model, self.device)
         if prefix_cache is None:
             rows = [self.shared.prefix + suffix for suffix in self.shared.suffixes]
             pad_id = self.tokenizer.pad_token_id
-            logprobs = position_logprobs(model, rows, counts, self.batch_size, pad_id, self.device)
+            logprobs = position_logprobs(model, rows, counts, self.batch_size, pad_id, self.device, picks)
         else:
             passes = self._passes(False, edited_layers, positions=max(counts))
-            logprobs = shared_prefix_position_logprobs(model, self.shared, prefix_cache, passes, counts)
-        self.latest = torch.stack([rows[0] for rows in logprobs])
+            logprobs = shared_prefix_position_logprobs(model, self.shared, prefix_cache, passes, counts, picks)
+        if not own_tokens:
+            self.latest = torch.stack([rows[0] for rows in logprobs])
         return logprobs
 
     @torch.inference_mode()

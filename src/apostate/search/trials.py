@@ -13,6 +13,7 @@ import optuna
 from optuna.trial import TrialState
 from torch import nn
 
+from apostate.capabilities.floor import CapabilityFloor
 from apostate.methods.context import BrokenEdit
 from apostate.methods.protocol import Method
 from apostate.monitor import trim_free_memory
@@ -29,16 +30,18 @@ class TrialRunner:
     The first objective is the share of harmful prompts not answered: refusals and broken
     responses together (breaking the model is no way to stop it refusing).
 
-    A trial whose edit is broken (non-finite) or whose KL exceeds `kl_cutoff` gets a positive
-    Optuna constraint and is pruned: the sampler learns the region is infeasible, the Pareto
-    front never shows it, and no made-up objective value is reported. Its refusals are not
-    counted (that is the expensive part, and the model is unusable anyway).
+    A trial whose edit is broken (non-finite), whose KL exceeds `kl_cutoff`, or that falls below
+    the capability `floor` (where the run has one) gets a positive Optuna constraint and is
+    pruned: the sampler learns the region is infeasible, the Pareto front never shows it, and no
+    made-up objective value is reported. Its refusals are not counted (that is the expensive
+    part, and the model is unusable anyway).
     """
 
     method: Method
     scorer: Scorer
     model: nn.Module
     kl_cutoff: float
+    floor: CapabilityFloor | None = None
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         timings = {}
@@ -61,6 +64,8 @@ class TrialRunner:
         if not math.isfinite(kl) or kl > self.kl_cutoff:
             self._infeasible(trial, timings, start, f"KL {kl:.4g} above the cutoff {self.kl_cutoff}", kl)
         trial.set_constraint("kl_cutoff", kl - self.kl_cutoff)
+        if self.floor is not None:
+            self._check_floor(trial, timings, start, edited)
         mark = time.perf_counter()
         counts = self.scorer.count(self.model, edited)
         timings["refusals"] = time.perf_counter() - mark
@@ -69,11 +74,27 @@ class TrialRunner:
         TrialRecord.write(trial, refusals=counts.refusals, broken=counts.broken, total=counts.total, seconds=timings)
         return counts.failures / counts.total, kl
 
-    @staticmethod
-    def _infeasible(trial: optuna.Trial, timings: dict, start: float, reason: str, excess: float) -> None:
+    def _check_floor(self, trial: optuna.Trial, timings: dict, start: float, edited: set[int] | None) -> None:
+        mark = time.perf_counter()
+        accuracy = self.floor.scorer.accuracy(self.model, edited)
+        timings["capability"] = time.perf_counter() - mark
+        TrialRecord.write(trial, capability=accuracy)
+        excess = self.floor.excess(accuracy)
+        if excess > 0:
+            reason = (
+                f"accuracy {accuracy:.3f} below the floor ({self.floor.base_accuracy:.3f} less {self.floor.max_drop})"
+            )
+            self._infeasible(trial, timings, start, reason, excess, "capability_floor")
+        trial.set_constraint("capability_floor", excess)
+
+    def _infeasible(
+        self, trial: optuna.Trial, timings: dict, start: float, reason: str, excess: float, key: str = "kl_cutoff"
+    ) -> None:
         timings["total"] = time.perf_counter() - start
         TrialRecord.write(trial, seconds=timings, infeasible=reason)
-        trial.set_constraint("kl_cutoff", excess if math.isfinite(excess) and excess > 0 else 1e9)
+        trial.set_constraint(key, excess if math.isfinite(excess) and excess > 0 else 1e9)
+        if self.floor is not None and key == "kl_cutoff":
+            trial.set_constraint("capability_floor", 0.0)  # not measured: every trial names both constraints
         raise optuna.TrialPruned(reason)
 
 
