@@ -86,3 +86,16 @@ SMALL = (
     "--harmless.direction-count 12 --harmless.evaluation-count 6 --harmless.heldout-count 6 "
     "--harmful.direction-count 12 --harmful.evaluation-count 6 --harmful.heldout-count 6"
 ).split()
+
+
+def decisive_chat_model(prompts: list[str], layers: int = 4, seed: int = 4):
+    """A tiny model with large weights (decisive logits: float noise cannot flip an argmax),
+    set up as loading sets it, and `prompts` chat-templated for it: (model, tokenizer, texts)."""
+    model, tokenizer = tiny_model("qwen2", layers=layers, seed=seed, initializer_range=0.3)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    tokenizer.padding_side = "left"
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
+    return model, tokenizer, texts

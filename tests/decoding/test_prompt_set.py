@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import decisive_chat_model, tiny_model
 
 from apostate.decoding import PromptSet
 from apostate.decoding.batching import last_position_logprobs
@@ -175,11 +175,7 @@ def test_column_major_weights_change_no_output():
 
 
 def test_replayed_layers_give_what_running_them_gives():
-    model, tokenizer = tiny_model("qwen2", layers=4, seed=4, initializer_range=0.3)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-             for p in PROMPTS]  # fmt: skip
+    model, tokenizer, texts = decisive_chat_model(PROMPTS)
     harmless, harmful = PromptSet(tokenizer, texts, 4, "cpu"), PromptSet(tokenizer, texts, 4, "cpu")
     base = harmless.first_token_logprobs(model, edited_layers=set())  # no edit: records every layer
     harmful.greedy_responses(model, TOKENS, edited_layers=set())
@@ -260,11 +256,7 @@ def test_answer_distributions_are_teacher_forced_in_one_pass_and_start_with_the_
 
 
 def test_replayed_layers_give_the_answer_distributions_of_a_full_pass():
-    model, tokenizer = tiny_model("qwen2", layers=4, seed=4, initializer_range=0.3)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-             for p in PROMPTS]  # fmt: skip
+    model, tokenizer, texts = decisive_chat_model(PROMPTS)
     prompts = PromptSet(tokenizer, texts, 4, "cpu")
     continued = prompts.continued(prompts.greedy_tokens(model, 5))
     base = continued.answer_logprobs(model, edited_layers=set())  # records every layer

@@ -3,7 +3,7 @@ is the first-token KL."""
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import decisive_chat_model
 
 from apostate.decoding import PromptSet
 from apostate.scoring.judges.markers import MarkerJudge
@@ -14,12 +14,7 @@ PROMPTS = ["hi", "tell me a story about a dragon", "why?", "list three colours",
 
 @pytest.fixture
 def tiny():
-    model, tokenizer = tiny_model("qwen2", layers=3, seed=5, initializer_range=0.3)
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False)
-             for p in PROMPTS]  # fmt: skip
-    return model, tokenizer, texts
+    return decisive_chat_model(PROMPTS, layers=3, seed=5)
 
 
 def scorer(tokenizer, texts, kl_tokens: int) -> Scorer:
