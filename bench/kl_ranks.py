@@ -63,12 +63,9 @@ def spearman(a: list[float], b: list[float]) -> float:
     return cov / (var_a * var_b) ** 0.5 if var_a and var_b else float("nan")
 
 
-def position_kls(base: list[torch.Tensor], model: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per prompt, the KL at each answer position."""
-    return [
-        F.kl_div(rows, base_rows, reduction="none", log_target=True).sum(-1)
-        for base_rows, rows in zip(base, model, strict=True)
-    ]
+def kl_rows(base_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """The KL at each answer position."""
+    return F.kl_div(rows, base_rows, reduction="none", log_target=True).sum(-1)
 
 
 def kl_at(per_position: list[torch.Tensor], k: int) -> float:
@@ -121,7 +118,7 @@ def main() -> None:
     )
     for trial in front:
         session.restore(trial)
-        per_position = position_kls(base_rows, continued.answer_logprobs(session.model))
+        per_position = continued.answer_logprobs(session.model, reduce=lambda i, rows: kl_rows(base_rows[i], rows))
         kls = [kl_at(per_position, 1), *(kl_at(per_position, k) for k in args.k)]
         scores = item_scores(session.model, loaded.tokenizer, capabilities, loaded.device)
         drops = [(sum(base_scores[t]) - sum(scores[t])) / len(base_scores[t]) for t in args.tasks]

@@ -84,7 +84,7 @@ class ChoiceScorer:
 
     def correct(self, model, edited_layers: set[int] | None = None) -> list[float]:
         """Per item, 1.0 where the model's best choice (by the task's metric) is the gold one."""
-        loglikelihoods = [float(own.sum()) for own in self.rows.answer_logprobs(model, edited_layers, own_tokens=True)]
+        loglikelihoods = [float(own.sum()) for own in self.rows.answer_token_logprobs(model, edited_layers)]
         scores, start = [], 0
         for item in self.items:
             own = loglikelihoods[start : start + len(item.choices)]

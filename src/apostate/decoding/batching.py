@@ -49,10 +49,11 @@ def left_padded(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tenso
 
 @torch.inference_mode()
 def position_logprobs(
-    model, rows: list[list[int]], counts: list[int], batch_size: int, pad_id: int, device, picks=None
+    model, rows: list[list[int]], counts: list[int], batch_size: int, pad_id: int, device, reduce=None
 ) -> list[torch.Tensor]:
     """Log-probabilities at each token row's last `counts[i]` positions, (counts[i], vocab) float32
-    on CPU: rows left-padded and masked, shortest first, no cache. `picks`: as pick_tokens."""
+    on CPU: rows left-padded and masked, shortest first, no cache. `reduce(i, rows)`: what to keep
+    of text i's rows instead of them (a pass over many texts then holds no vocabulary per position)."""
     result: list[torch.Tensor | None] = [None] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
     for start in range(0, len(order), batch_size):
@@ -62,15 +63,6 @@ def position_logprobs(
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False, logits_to_keep=keep)
         logprobs = torch.log_softmax(logits.logits.float(), dim=-1).cpu()
         for row, index in enumerate(indices):
-            result[index] = pick_tokens(logprobs[row, keep - counts[index] :], picks, index)
+            own = logprobs[row, keep - counts[index] :]
+            result[index] = reduce(index, own) if reduce else own
     return result
-
-
-def pick_tokens(rows: torch.Tensor, picks: list[list[int]] | None, index: int) -> torch.Tensor:
-    """`rows` (positions, vocab) as they are, or with `picks`: the log-probability of token
-    picks[index][t] at position t (the first len(picks[index]) positions), so that a pass over
-    many rows keeps a number per position, not a vocabulary."""
-    if picks is None:
-        return rows
-    tokens = torch.tensor(picks[index], dtype=torch.long)
-    return rows[torch.arange(len(tokens)), tokens].clone()

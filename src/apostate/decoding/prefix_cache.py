@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
-from apostate.decoding.batching import left_padded, pick_tokens
+from apostate.decoding.batching import left_padded
 from apostate.decoding.layer_replay import LayerReplay
 
 
@@ -159,14 +159,15 @@ def shared_prefix_logprobs(model, shared: SharedPrefix, prefix_cache, passes: Pr
 
 @torch.inference_mode()
 def shared_prefix_position_logprobs(
-    model, shared: SharedPrefix, prefix_cache, passes: PromptPasses, counts: list[int], picks=None
+    model, shared: SharedPrefix, prefix_cache, passes: PromptPasses, counts: list[int], reduce=None
 ) -> list[torch.Tensor]:
     """Log-probabilities at each text's last `counts[i]` positions, (counts[i], vocab) float32 on
-    CPU per text: a suffix that ends in a known answer, teacher-forced in one pass. `picks`: per
-    text, token ids; then only their log-probabilities, one per position (batching.pick_tokens)."""
+    CPU per text: a suffix that ends in a known answer, teacher-forced in one pass. `reduce`: as
+    batching.position_logprobs."""
     rows: list[torch.Tensor | None] = [None] * len(shared.suffixes)
     for indices, _, output in prompt_passes(model, shared, prefix_cache, passes):
         logprobs = torch.log_softmax(output.logits.float(), dim=-1).cpu()
         for row, index in enumerate(indices):
-            rows[index] = pick_tokens(logprobs[row, logprobs.shape[1] - counts[index] :], picks, index)
+            own = logprobs[row, logprobs.shape[1] - counts[index] :]
+            rows[index] = reduce(index, own) if reduce else own
     return rows

@@ -101,29 +101,39 @@ class PromptSet:
         return logprobs
 
     @torch.inference_mode()
-    def answer_logprobs(
-        self, model, edited_layers: set[int] | None = None, own_tokens: bool = False
-    ) -> list[torch.Tensor]:
+    def answer_logprobs(self, model, edited_layers: set[int] | None = None, reduce=None) -> list[torch.Tensor]:
         """For a `continued` set: per text, (answer tokens + 1, vocab) log-probabilities, the i-th
         row the distribution of the answer's i-th token given the text and the tokens before it
-        (the last row: what follows the answer). One forward pass per batch; row 0 is
-        `first_token_logprobs` (kept as the latest, for signatures). With `own_tokens`: per text,
-        only the log-probability of each answer token (answer tokens,)."""
+        (the last row: what follows the answer). One forward pass per batch; each text's row 0 is
+        its `first_token_logprobs` (kept as the latest, for signatures). `reduce(i, rows)`: keep
+        what it returns of text i's rows instead (no vocabulary per position is held)."""
         if self.answers is None:
             raise ValueError("answer_logprobs needs a continued PromptSet")
         counts = [len(answer) + 1 for answer in self.answers]
-        picks = self.answers if own_tokens else None
+        first: list[torch.Tensor | None] = [None] * len(self.texts)
+
+        def keep(index: int, rows: torch.Tensor) -> torch.Tensor:
+            first[index] = rows[0].clone()
+            return reduce(index, rows) if reduce else rows.clone()  # not a view that keeps the batch
+
         prefix_cache = self.shared.cache(model, self.device)
         if prefix_cache is None:
             rows = [self.shared.prefix + suffix for suffix in self.shared.suffixes]
             pad_id = self.tokenizer.pad_token_id
-            logprobs = position_logprobs(model, rows, counts, self.batch_size, pad_id, self.device, picks)
+            result = position_logprobs(model, rows, counts, self.batch_size, pad_id, self.device, keep)
         else:
             passes = self._passes(False, edited_layers, positions=max(counts))
-            logprobs = shared_prefix_position_logprobs(model, self.shared, prefix_cache, passes, counts, picks)
-        if not own_tokens:
-            self.latest = torch.stack([rows[0] for rows in logprobs])
-        return logprobs
+            result = shared_prefix_position_logprobs(model, self.shared, prefix_cache, passes, counts, keep)
+        self.latest = torch.stack(first)
+        return result
+
+    def answer_token_logprobs(self, model, edited_layers: set[int] | None = None) -> list[torch.Tensor]:
+        """For a `continued` set: per text, the log-probability of each of its answer's tokens."""
+        return self.answer_logprobs(model, edited_layers, reduce=self._own_tokens)
+
+    def _own_tokens(self, index: int, rows: torch.Tensor) -> torch.Tensor:
+        tokens = torch.tensor(self.answers[index], dtype=torch.long)
+        return rows[torch.arange(len(tokens)), tokens].clone()
 
     @torch.inference_mode()
     def greedy_responses(

@@ -133,7 +133,11 @@ class Scorer:
         averaged over the positions of each base answer first (see answer_kl)."""
         if self.kl_tokens == 1:
             return self.first_token_kl(model, edited_layers)
-        return answer_kl(self.base_answer_logprobs, self.answers.answer_logprobs(model, edited_layers))
+        base = self.base_answer_logprobs
+        per_position = self.answers.answer_logprobs(
+            model, edited_layers, reduce=lambda i, rows: _kl_rows(base[i], rows)
+        )
+        return answer_kl_of(per_position)
 
     def first_token_kl(self, model, edited_layers: set[int] | None = None) -> float:
         """KL(base ‖ model) of the first token, whatever kl_tokens is."""
@@ -191,10 +195,17 @@ def answer_kl(base: list[torch.Tensor], model: list[torch.Tensor]) -> float:
         KL_k = (1/N) Σ_prompts (1/n_i) Σ_{t < n_i} KL(p_base(· | x, y_<t) ‖ p_model(· | x, y_<t))
 
     with y the base answer and n_i = min(k, its length + 1). At k = 1 it is the first-token KL."""
-    per_prompt = [
-        F.kl_div(rows, base_rows, reduction="sum", log_target=True).item() / len(rows)
-        for base_rows, rows in zip(base, model, strict=True)
-    ]
+    return answer_kl_of([_kl_rows(base_rows, rows) for base_rows, rows in zip(base, model, strict=True)])
+
+
+def _kl_rows(base_rows: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """KL(base ‖ model) at each position, (positions,)."""
+    return F.kl_div(rows, base_rows, reduction="none", log_target=True).sum(-1)
+
+
+def answer_kl_of(per_position: list[torch.Tensor]) -> float:
+    """answer_kl from each prompt's per-position KL: the mean over positions, then over prompts."""
+    per_prompt = [float(kls.mean()) for kls in per_position]
     return max(sum(per_prompt) / len(per_prompt), 0.0)
 
 
