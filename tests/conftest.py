@@ -19,11 +19,14 @@ def pytest_addoption(parser):
     )
 
 
-@pytest.fixture(autouse=True)
-def no_benchmarks(monkeypatch):
+@pytest.fixture(autouse=True, scope="session")
+def no_benchmarks():
     """Runs score no capability benchmarks unless a test asks (the real task data is a separate,
-    large package; tests/capabilities brings a few local items)."""
-    monkeypatch.setenv("APOSTATE_CAPABILITIES__TASKS", "[]")
+    large package; tests/capabilities brings a few local items). Session-wide, so that module
+    fixtures that run apostate see it too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("APOSTATE_CAPABILITIES__TASKS", "[]")
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -46,8 +46,15 @@ def test_missing_config_file(tmp_path, bad_input, model_dir):
 
 
 def test_dataset_id_while_offline(tmp_path, bad_input, model_dir, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    # Both libraries read these at import time, and another test may have imported them first.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     code = main([str(model_dir), "--run-dir", str(tmp_path / "run"), "--harmful.source", "nobody/harmful-things"])
     assert "cannot load prompt dataset 'nobody/harmful-things'" in bad_input.error(
         "prompt source", "a hub dataset id while offline", code
