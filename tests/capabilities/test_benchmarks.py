@@ -136,6 +136,13 @@ def test_the_per_trial_choice_scorer_agrees_with_lm_eval_item_by_item(piqa_items
             model.model.layers[1].mlp.down_proj.weight.mul_(scale)
         expected = item_scores(model, tokenizer, settings, "cpu")["piqa"]
         assert scorer.correct(model) == expected
+        # Decisions, not log-likelihoods, are compared: every item's choices lie far apart (here
+        # >= 0.0026 per character), so another processor's rounding (~1e-4) cannot flip one.
+        own = [float(o.sum()) for o in scorer.rows.answer_token_logprobs(model)]
+        gaps = [
+            abs(own[2 * i] / len(it.choices[0]) - own[2 * i + 1] / len(it.choices[1])) for i, it in enumerate(items)
+        ]
+        assert min(gaps) > 1e-3
     monkeypatch.setattr(SharedPrefix, "cache", lambda self, model, device: None)  # the plain path
     assert scorer.correct(model) == expected
 
