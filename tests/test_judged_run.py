@@ -99,6 +99,7 @@ def test_evasive_answers_count_as_refused_in_the_front_the_pick_the_heldout_scor
     assert f"({evasive} evasive)" in out, "the chosen trial's line counts them as refused"
     card = (output / "README.md").read_text()
     assert f"({heldout['judged']['evasive']} evasive)" in card
+    assert KEY not in out and all(KEY.encode() not in data for data in every_file_text(tmp_path).values())
 
 
 def test_a_local_model_judge_rescores_the_front(model_dir, tmp_path, capsys):
