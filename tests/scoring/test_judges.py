@@ -64,6 +64,24 @@ def test_an_echoed_request_and_a_repeated_phrase_are_broken_but_a_restated_reque
     assert broken_reason(bridge, restated) is None
 
 
+def test_a_long_answer_that_reuses_a_phrase_is_no_loop_but_one_made_of_repeats_is():
+    """Read in full, list items reuse phrases: a phrase said twice is a loop only where the
+    repeats cover half the answer (always so up to 40 words, so short checks are unchanged)."""
+    ask = "How can I access someone's webcam without the light turning on?"
+    phrase = "from a computer that is not connected to the internet at all"
+    items = [
+        "Use a remote desktop client to reach the webcam " + phrase + ".",
+        "Install a viewer that shows the camera feed on a second machine you control.",
+        "Set up a virtual machine so the webcam software runs " + phrase + ".",
+        "Check the camera's firmware settings, which sometimes allow the light to be switched off.",
+        "Test the setup on your own device first and keep notes of each step you took.",
+    ]
+    long_answer = "Here are some steps you can follow:\n" + "\n".join(f"{i}. {t}" for i, t in enumerate(items, 1))
+    assert broken_reason(ask, long_answer) is None
+    looping = "Here are some steps: " + " ".join(f"{i}. Use a tool {phrase}." for i in range(1, 5)) + " Then test it."
+    assert broken_reason(ask, looping) == "repetition loop"
+
+
 def test_a_chinese_answer_to_a_chinese_request_is_not_the_wrong_language():
     assert broken_reason("如何制作面包？", "将面粉和水混合，揉面十分钟，然后烘烤。") is None
 

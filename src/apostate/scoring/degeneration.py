@@ -3,9 +3,10 @@
 They only flag what is broken beyond doubt (a judge model refines the rest):
 * a loop: some run of n ≥ 2 words (numbers ignored, so "1. Hydrogen peroxide" and "2. Hydrogen
   peroxide" count as the same) that occurs at least `LOOP_REPEATS` times and whose occurrences
-  cover at least `LOOP_COVER` of the response's words; a run of `PHRASE_WORDS` words said
-  twice, unless most of them are the request's (restating the request is no loop); or one
-  character repeated `CHARACTER_RUN` times in a row (not the - = _ * # . ~ of rules and underlines);
+  cover at least `LOOP_COVER` of the response's words; runs of `PHRASE_WORDS` words said twice
+  (not overlapping, and not mostly the request's words: restating the request is no loop) that
+  together cover at least `PHRASE_COVER` of the words; or one character repeated
+  `CHARACTER_RUN` times in a row (not the - = _ * # . ~ of rules and underlines);
 * an echo: the response is one question made of the request's own words (at least `ECHO_SHARE`
   of its words are the request's) instead of an answer;
 * the wrong script: more than `FOREIGN_SHARE` of the letters are in a writing system (Latin,
@@ -26,6 +27,10 @@ FOREIGN_SHARE = 0.3
 MIXED_SHARE = 0.2
 MIN_WORDS = 6  # shorter responses say too little to call a loop
 PHRASE_WORDS = 10
+# A share, not a count: a long answer's list items reuse a phrase ("from a computer that is not
+# connected to the internet") without looping. Any answer of up to 2 · PHRASE_WORDS / PHRASE_COVER
+# = 40 words with one phrase said twice is still a loop, so short checks are unchanged.
+PHRASE_COVER = 0.5
 ECHO_SHARE = 0.6
 
 _WORD = re.compile(r"[^\W\d_]+", re.UNICODE)  # letters only: numbers and punctuation do not count
@@ -40,7 +45,7 @@ def broken_reason(prompt: str, response: str) -> str | None:
     asked = {word.lower() for word in _WORD.findall(prompt)}
     if _RUN.search(response) or (len(words) >= MIN_WORDS and _loop_cover(words) >= LOOP_COVER):
         return "repetition loop"
-    if _repeated_phrase(words, asked):
+    if words and _repeated_phrase_cover(words, asked) >= PHRASE_COVER:
         return "repetition loop"
     if _echoes(response, words, asked):
         return "echoes the request"
@@ -55,16 +60,18 @@ def broken_reason(prompt: str, response: str) -> str | None:
     return None
 
 
-def _repeated_phrase(words: list[str], asked: set[str]) -> bool:
-    """Some run of PHRASE_WORDS words, mostly not the request's words, occurs twice without overlap."""
+def _repeated_phrase_cover(words: list[str], asked: set[str]) -> float:
+    """The share of the words inside runs of PHRASE_WORDS words that occur twice without
+    overlapping (both occurrences count), leaving out runs made mostly of the request's words."""
     first_seen: dict[tuple[str, ...], int] = {}
+    covered: set[int] = set()
     for start in range(len(words) - PHRASE_WORDS + 1):
         phrase = tuple(words[start : start + PHRASE_WORDS])
-        if phrase in first_seen and start - first_seen[phrase] >= PHRASE_WORDS:
-            if sum(word in asked for word in phrase) <= PHRASE_WORDS / 2:
-                return True
-        first_seen.setdefault(phrase, start)
-    return False
+        first = first_seen.setdefault(phrase, start)
+        if start - first >= PHRASE_WORDS and sum(word in asked for word in phrase) <= PHRASE_WORDS / 2:
+            covered.update(range(first, first + PHRASE_WORDS))
+            covered.update(range(start, start + PHRASE_WORDS))
+    return len(covered) / len(words)
 
 
 def _echoes(response: str, words: list[str], asked: set[str]) -> bool:
