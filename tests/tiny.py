@@ -31,6 +31,7 @@ def tiny_tokenizer(chat_template: str | None = CHAT_TEMPLATE):
         additional_special_tokens=["<|im_start|>"],
     )
     tokenizer.chat_template = chat_template
+    tokenizer.padding_side = "left"  # as loading sets it: the last prompt token sits at position -1
     return tokenizer
 
 
