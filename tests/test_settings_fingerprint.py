@@ -45,7 +45,7 @@ def old_fingerprint_of(settings, model_name: str) -> dict:
     data["harmful"] = settings.harmful.model_dump()
     data["search"] = directional.search.model_dump()
     if settings.method != "directional":
-        data["ara"] = settings.ara.model_dump()
+        data["ara"] = settings.ara.model_dump(exclude={"fit_positions"})  # added since: absent at 1
         for key in DIRECTIONAL_KNOBS:  # since [directional]: only directional runs measure them
             del data[key]
     return json.loads(json.dumps(data, default=str))
@@ -210,6 +210,9 @@ def test_a_setting_added_later_is_in_the_fingerprint_only_away_from_its_default(
     assert settings(kl_tokens=16).measurement_fingerprint("demo")["kl_tokens"] == 16
     assert "capability_floor" not in settings().measurement_fingerprint("demo")
     assert settings(capability_floor={"items": 5}).measurement_fingerprint("demo")["capability_floor"]["items"] == 5
+    # Inside a method's table too: ARA studies fitted at the last position resume at fit_positions = 1.
+    assert "fit_positions" not in settings().measurement_fingerprint("demo")["ara"]
+    assert settings(ara={"fit_positions": 6}).measurement_fingerprint("demo")["ara"]["fit_positions"] == 6
 
 
 def test_the_model_name_is_part_of_the_fingerprint():

@@ -309,7 +309,7 @@ class Settings(BaseSettings):
                 added_later = (field.json_schema_extra or {}).get("added_later")
                 if added_later and value == field.get_default(call_default_factory=True):
                     continue
-                dumped = value.model_dump() if isinstance(value, BaseModel) else value
+                dumped = _measured_table(value) if isinstance(value, BaseModel) else value
                 if name == "directional":
                     data.update(dumped)
                 else:
@@ -390,3 +390,14 @@ def parse_command_line(argv: list[str]) -> Settings:
     cli = CliSettingsSource(Settings, root_parser=parser)
     # The TOML file is chosen from the keyword arguments, before the flags are read: name it here.
     return Settings(config=find_config_file(argv), _cli_settings_source=cli(args=argv))
+
+
+def _measured_table(table: BaseModel) -> dict:
+    """A settings table as fingerprinted: its fields added after studies existed count only
+    when set away from their defaults (those studies measured them at the default)."""
+    dumped = table.model_dump()
+    for name, field in type(table).model_fields.items():
+        added_later = isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("added_later")
+        if added_later and getattr(table, name) == field.get_default(call_default_factory=True):
+            del dumped[name]
+    return dumped

@@ -311,3 +311,29 @@ def test_captured_rows_keep_the_models_dtype_and_captures_are_built_in_float32()
         adapter, {k: v[:half] for k, v in rows.items()}, {k: v[half:] for k, v in rows.items()}, 8
     )
     assert captures and all(c.harmless_outputs.dtype == torch.float32 for c in captures.values())
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3_moe"])
+def test_fit_positions_capture_each_prompts_last_positions_in_prompt_order(arch):
+    """positions = 3: three rows per prompt (its last three positions, first to last), whatever
+    batch a prompt lands in; the last of them is what positions = 1 captures."""
+    extra = MOE if arch == "qwen3_moe" else {}
+    model, tokenizer = tiny_model(arch, layers=2, seed=4, **extra)
+    adapter = attach_adapter(model, discover(model), 4)
+    linear, experts, _ = capture_slots(adapter)
+    slots = linear + experts
+    # Prompts of one token length: no padding, so a prompt's activations do not depend on its batch.
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": f"prompt number {n}"}],
+                                           add_generation_prompt=True, tokenize=False) for n in range(10, 22)]  # fmt: skip
+    assert len({len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts}) == 1
+    batched = capture_writer_inputs(model, tokenizer, adapter, slots, texts, 5, "cpu", "batched", positions=3)
+    alone = capture_writer_inputs(model, tokenizer, adapter, slots, texts, 1, "cpu", "alone", positions=3)
+    last = capture_writer_inputs(model, tokenizer, adapter, slots, texts, 5, "cpu", "last")
+    assert batched.keys() == alone.keys()
+    for key, rows in batched.items():
+        assert rows.shape == alone[key].shape
+        assert torch.allclose(rows, alone[key], atol=1e-5)
+    for index in linear:
+        rows = batched[(index, 0)].reshape(len(texts), 3, -1)
+        assert torch.allclose(rows[:, -1], last[(index, 0)], atol=1e-5)
+        assert not torch.allclose(rows[:, 0], last[(index, 0)], atol=1e-3)

@@ -60,10 +60,13 @@ def capture_writer_inputs(
     device,
     label: str,
     keep_on="cpu",
+    positions: int = 1,
 ) -> dict[CaptureKey, Tensor]:
-    """Per (slot, expert), the inputs at the last prompt position, in prompt order, on `keep_on`.
+    """Per (slot, expert), the inputs at the last `positions` prompt positions, in prompt order
+    (a prompt's positions together, first to last), on `keep_on`.
 
-    A Linear writer has a row for every text; an expert only for the texts routed to it.
+    A Linear writer has `positions` rows for every text; an expert only for the (text, position)
+    tokens routed to it.
     Rows keep the dtype the model computed them in (a wider one would hold no more
     information); build_captures widens one module at a time.
     """
@@ -73,11 +76,11 @@ def capture_writer_inputs(
     for index in slot_indices:
         slot = adapter.slots[index]
         if slot.stacked:
-            recorders[index] = ExpertRecorder(slot.module.get_base_layer(), keep_on)
+            recorders[index] = ExpertRecorder(slot.module.get_base_layer(), keep_on, positions)
             handles.append(recorders[index].module.register_forward_hook(recorders[index]))
         else:
             linear_rows[index] = []
-            hook = _linear_hook(linear_rows[index], keep_on)
+            hook = _linear_hook(linear_rows[index], keep_on, positions)
             handles.append(slot.module.get_base_layer().register_forward_hook(hook))
     order: list[int] = []
     try:
@@ -92,19 +95,26 @@ def capture_writer_inputs(
         for handle in handles:
             handle.remove()
     inverse = torch.argsort(torch.tensor(order))  # back to the order of `texts`
-    captured = {(index, 0): torch.cat(rows)[inverse] for index, rows in linear_rows.items()}
+    captured = {(index, 0): _in_order(torch.cat(rows), inverse, positions) for index, rows in linear_rows.items()}
     for index, recorder in recorders.items():
         for expert, rows in recorder.per_expert().items():
             captured[(index, expert)] = rows
     return captured
 
 
-def _linear_hook(rows: list[Tensor], keep_on):
+def _linear_hook(rows: list[Tensor], keep_on, positions: int):
     def hook(module, args, output):
         # A copy: a slice would keep the whole batch's activations alive.
-        rows.append(args[0][:, -1, :].to(keep_on, copy=True))
+        inputs = args[0][:, -positions:, :]
+        rows.append(inputs.reshape(-1, inputs.shape[-1]).to(keep_on, copy=True))
 
     return hook
+
+
+def _in_order(rows: Tensor, inverse: Tensor, positions: int) -> Tensor:
+    """Rows captured in batch order, `positions` per prompt, put back in prompt order."""
+    per_prompt = rows.reshape(-1, positions, rows.shape[-1])[inverse]
+    return per_prompt.reshape(-1, rows.shape[-1])
 
 
 def build_captures(
@@ -156,6 +166,7 @@ def capture_for_fitting(inputs: RunInputs, method_name: str) -> dict[CaptureKey,
             inputs.device,
             f"capturing ({side})",
             keep_on=inputs.keep_activations_on,
+            positions=inputs.settings.fit_positions,
         )
         for side in ("harmless", "harmful")
     }

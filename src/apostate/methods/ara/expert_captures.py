@@ -1,8 +1,8 @@
-"""Per-expert down-projection inputs of fused MoE experts, at the last prompt position.
+"""Per-expert down-projection inputs of fused MoE experts, at the last prompt positions.
 
 transformers 5 stores a layer's experts as stacked parameters (`gate_up_proj`, `down_proj`)
 in one module called as experts(hidden_states, top_k_index, top_k_weights) on flattened
-tokens. A forward hook on that module recomputes, for the last position of each prompt and
+tokens. A forward hook on that module recomputes, for the last positions of each prompt and
 each expert the router picked for it, the expert's down-projection input act(gate) · up.
 Experts that no captured token was routed to are simply absent. Modules of another shape
 (biases, custom activations) are reported as not capturable, never guessed at.
@@ -42,21 +42,24 @@ def down_inputs(module: nn.Module, states: Tensor, experts: Tensor) -> tuple[Ten
 
 
 class ExpertRecorder:
-    """Forward hook collecting (prompt index, expert, down input) at the last positions."""
+    """Forward hook collecting (prompt index, expert, down input) at each prompt's last `positions` positions."""
 
-    def __init__(self, module: nn.Module, keep_on="cpu"):
+    def __init__(self, module: nn.Module, keep_on="cpu", positions: int = 1):
         self.module = module
         self.keep_on = keep_on
+        self.positions = positions
         self.rows: list[tuple[Tensor, Tensor, Tensor]] = []  # prompt indices, experts, inputs
         self.batch: tuple[list[int], int, int] | None = None  # prompt indices, batch size, sequence length
 
     def __call__(self, module, args, output) -> None:
         hidden_states, top_k_index = args[0], args[1]
         indices, batch, length = self.batch
-        last = torch.arange(batch, device=hidden_states.device) * length + length - 1
-        chosen = top_k_index[last]  # (batch, k)
+        ends = torch.arange(batch, device=hidden_states.device) * length + length
+        offsets = torch.arange(self.positions, 0, -1, device=hidden_states.device)
+        last = (ends[:, None] - offsets).reshape(-1)  # each prompt's last positions, first to last
+        chosen = top_k_index[last]  # (batch · positions, k)
         experts, inputs = down_inputs(module, hidden_states[last], chosen)
-        prompts = torch.tensor(indices).repeat_interleave(chosen.shape[1])
+        prompts = torch.tensor(indices).repeat_interleave(self.positions * chosen.shape[1])
         self.rows.append((prompts, experts.cpu(), inputs.to(self.keep_on, copy=True)))
 
     def per_expert(self) -> dict[int, Tensor]:
@@ -67,6 +70,6 @@ class ExpertRecorder:
         result = {}
         for expert in experts.unique().tolist():
             mask = experts == expert
-            order = torch.argsort(prompts[mask])
+            order = torch.argsort(prompts[mask], stable=True)  # a prompt's positions stay in order
             result[expert] = inputs[mask][order]
         return result

@@ -30,6 +30,15 @@ class AraSettings(RangeModel):
         description="The edit acts on at most this many input directions per module: the top singular "
         "directions of the captured inputs (directions never seen in the inputs are left alone).",
     )
+    fit_positions: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="How many of the last prompt positions each module is fitted at: 1, the last (where the "
+        "answer's first token, and so the refusal, is decided); more reach back over the chat template's "
+        "assistant header into the end of the request, where the model reads that it is harmful.",
+        json_schema_extra={"added_later": True},
+    )
     max_relative_edit: float = Field(
         default=0.25,
         gt=0,
