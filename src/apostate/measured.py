@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
@@ -47,3 +47,20 @@ def measured_for(field: FieldInfo) -> tuple[str, ...]:
     if not isinstance(extra, dict) or not extra.get("measured"):
         return ()
     return tuple(extra.get("measured_for") or METHODS)
+
+
+def at_earlier_default(field: FieldInfo, value: Any) -> bool:
+    """A setting added after studies existed, at its default: left out of the fingerprint."""
+    extra = field.json_schema_extra
+    added_later = isinstance(extra, dict) and extra.get("added_later")
+    return bool(added_later) and value == field.get_default(call_default_factory=True)
+
+
+def measured_table(table: BaseModel) -> dict:
+    """A settings table as fingerprinted: without its fields added later and left at their defaults."""
+    fields = type(table).model_fields
+    return {
+        key: value
+        for key, value in table.model_dump().items()
+        if not at_earlier_default(fields[key], getattr(table, key))
+    }

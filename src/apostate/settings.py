@@ -27,7 +27,15 @@ from pydantic_settings import (
 
 from apostate.capabilities.settings import CapabilityFloorSettings, CapabilitySettings
 from apostate.config_sources import OneLineArgumentParser, chosen_config_file, find_config_file, toml_source
-from apostate.measured import REGISTERED_METHODS, MethodName, measured, measured_for, methods_using
+from apostate.measured import (
+    REGISTERED_METHODS,
+    MethodName,
+    at_earlier_default,
+    measured,
+    measured_for,
+    measured_table,
+    methods_using,
+)
 from apostate.methods.ara.settings import AraSettings
 from apostate.methods.directional.settings import DirectionalSettings
 from apostate.model.chat_template import read_chat_template
@@ -306,10 +314,9 @@ class Settings(BaseSettings):
         for name, field in type(self).model_fields.items():
             if self.method in measured_for(field):
                 value = getattr(self, name)
-                added_later = (field.json_schema_extra or {}).get("added_later")
-                if added_later and value == field.get_default(call_default_factory=True):
+                if at_earlier_default(field, value):
                     continue
-                dumped = _measured_table(value) if isinstance(value, BaseModel) else value
+                dumped = measured_table(value) if isinstance(value, BaseModel) else value
                 if name == "directional":
                     data.update(dumped)
                 else:
@@ -390,14 +397,3 @@ def parse_command_line(argv: list[str]) -> Settings:
     cli = CliSettingsSource(Settings, root_parser=parser)
     # The TOML file is chosen from the keyword arguments, before the flags are read: name it here.
     return Settings(config=find_config_file(argv), _cli_settings_source=cli(args=argv))
-
-
-def _measured_table(table: BaseModel) -> dict:
-    """A settings table as fingerprinted: its fields added after studies existed count only
-    when set away from their defaults (those studies measured them at the default)."""
-    dumped = table.model_dump()
-    for name, field in type(table).model_fields.items():
-        added_later = isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("added_later")
-        if added_later and getattr(table, name) == field.get_default(call_default_factory=True):
-            del dumped[name]
-    return dumped
