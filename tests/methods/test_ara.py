@@ -332,8 +332,8 @@ def test_fit_positions_capture_each_prompts_last_positions_in_prompt_order(arch)
     assert batched.keys() == alone.keys()
     for key, rows in batched.items():
         assert rows.shape == alone[key].shape
-        assert torch.allclose(rows, alone[key], atol=1e-5)
+        assert torch.allclose(rows, alone[key], atol=1e-4)  # batch size changes float sums; a wrong row is off by ~0.1
     for index in linear:
         rows = batched[(index, 0)].reshape(len(texts), 3, -1)
-        assert torch.allclose(rows[:, -1], last[(index, 0)], atol=1e-5)
+        assert torch.allclose(rows[:, -1], last[(index, 0)], atol=1e-4)
         assert not torch.allclose(rows[:, 0], last[(index, 0)], atol=1e-3)
