@@ -39,20 +39,17 @@ def tiny_model(architecture: str = "qwen2", layers: int = 4, seed: int = 0, **ex
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = tiny_tokenizer()
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2}
     config = AutoConfig.for_model(
         architecture,
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         vocab_size=len(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
         tie_word_embeddings=False,
-        **extra,
+        **(shape | extra),
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config).eval()

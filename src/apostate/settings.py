@@ -37,16 +37,16 @@ from apostate.measured import (
     methods_using,
 )
 from apostate.methods.ara.settings import AraSettings
-from apostate.methods.directional.settings import DirectionalSettings
+from apostate.methods.directional.settings import DirectionalSettings, legacy_keys_moved
 from apostate.model.chat_template import read_chat_template
 from apostate.prompt_settings import PromptSetSpec
+from apostate.results.gguf_settings import GgufSettings
 from apostate.results.upload_settings import UploadSettings
 from apostate.scoring.judges.settings import JudgeSettings
 from apostate.startup.check_settings import StartupChecks
 
 # Directional's knobs before they had their own table: config files and run records that name
 # them at the top level still load (moved into [directional]).
-LEGACY_DIRECTIONAL_KEYS = ("row_normalization", "full_normalization_rank", "search")
 
 
 # One marker a line, in data/ with the bundled prompt sets.
@@ -270,13 +270,14 @@ class Settings(BaseSettings):
         gt=0,
         description="Headless pick: fewest refusals among Pareto trials with KL at most this (ties: lower KL).",
     )
-    actions: list[Literal["save", "save-adapter", "evaluate", "chat", "upload"]] = Field(
+    actions: list[Literal["save", "save-adapter", "save-gguf", "evaluate", "chat", "upload"]] = Field(
         default=[], description="Headless actions on the picked trial, in order (evaluate first, upload last)."
     )
     output_dir: Path | None = Field(
-        default=None, description="Where to save (default: <run_dir>/model or <run_dir>/adapter)."
+        default=None, description="Where to save (default: <run_dir>/model, adapter or gguf)."
     )
     max_shard_size: str = Field(default="5GB", description="Largest safetensors shard when saving.")
+    gguf: GgufSettings = Field(default_factory=GgufSettings, description="The GGUF export (save-gguf).")
     upload: UploadSettings = Field(default_factory=UploadSettings, description="Publishing an export on the hub.")
     capabilities: CapabilitySettings = Field(
         default_factory=CapabilitySettings,
@@ -337,16 +338,7 @@ class Settings(BaseSettings):
     @model_validator(mode="before")
     @classmethod
     def _legacy_directional_keys(cls, data: Any) -> Any:
-        """Top-level row_normalization, full_normalization_rank and [search] (before [directional])."""
-        if not isinstance(data, dict) or not any(key in data for key in LEGACY_DIRECTIONAL_KEYS):
-            return data
-        data = dict(data)
-        table = dict(data.get("directional") or {})
-        for key in LEGACY_DIRECTIONAL_KEYS:
-            if key in data:
-                table.setdefault(key, data.pop(key))
-        data["directional"] = table
-        return data
+        return legacy_keys_moved(data)
 
     @field_validator("quantization", mode="before")
     @classmethod

@@ -11,6 +11,7 @@ import optuna
 from apostate.commands.capabilities import benchmark_trial
 from apostate.commands.chosen import record_chosen
 from apostate.commands.evaluate import evaluate_heldout
+from apostate.commands.gguf import save_gguf_export
 from apostate.commands.judged import judge_front
 from apostate.errors import ApostateError
 from apostate.progress import can_ask, console
@@ -120,8 +121,8 @@ def _evaluate(session: Session, trial, action: str) -> None:
 
 
 def _save(session: Session, trial, action: str) -> None:
-    """`save` (merged) or `save-adapter` into the export folder; kept where another worker of a
-    shared study already saved this trial's export there."""
+    """`save` (merged), `save-adapter` or `save-gguf` into the export folder; kept where another
+    worker of a shared study already saved this trial's export there."""
     settings = session.settings
     output = _export_folder(session, action)
     summary = _summary(session, trial)
@@ -129,7 +130,9 @@ def _save(session: Session, trial, action: str) -> None:
         console.print(f"{output} already holds trial {trial.number}'s export (another worker saved it); kept")
         return
     tokenizer = session.loaded.tokenizer
-    if action == "save":
+    if action == "save-gguf":
+        path = save_gguf_export(session, trial, summary, output)
+    elif action == "save":
         args = (output, settings.max_shard_size, summary, settings.trust_remote_code)
         path = save_merged(session.source, session.method.deltas(), tokenizer, *args)
     else:
@@ -142,9 +145,12 @@ def _save(session: Session, trial, action: str) -> None:
     console.print(f"Saved to [bold]{path}[/]")
 
 
+EXPORT_FOLDERS = {"save": "model", "save-adapter": "adapter", "save-gguf": "gguf"}
+
+
 def _export_folder(session: Session, action: str) -> Path:
-    """Where a save action writes: --output-dir, else <run_dir>/model or <run_dir>/adapter."""
-    return session.settings.output_dir or session.run_dir / ("model" if action == "save" else "adapter")
+    """Where a save action writes: --output-dir, else <run_dir>/model, adapter or gguf."""
+    return session.settings.output_dir or session.run_dir / EXPORT_FOLDERS[action]
 
 
 def _upload(session: Session, trial, action: str) -> None:
@@ -156,7 +162,7 @@ def _upload(session: Session, trial, action: str) -> None:
         console.print("Upload cancelled.")
         return
     token = upload.upload_token(ask)
-    save = "save" if settings.upload.export == "model" else "save-adapter"
+    save = {folder: action for action, folder in EXPORT_FOLDERS.items()}[settings.upload.export]
     folder = _export_folder(session, save)
     summary = _summary(session, trial)  # what a save would write now (held-out scores included)
     if not upload.holds_export(folder, _export_identity(summary)):
@@ -221,6 +227,7 @@ class Action(NamedTuple):
 ACTIONS = {
     "save": Action("Save the merged model", _save),
     "save-adapter": Action("Save the LoRA adapter only", _save),
+    "save-gguf": Action("Save as a GGUF file (llama.cpp, Ollama), scored as shipped", _save),
     "evaluate": Action("Score on the held-out prompts and the capability benchmarks", _evaluate),
     "chat": Action("Chat with the model", _chat),
     "upload": Action("Upload to the Hugging Face hub", _upload),

@@ -23,7 +23,7 @@ from apostate.errors import ApostateError
 from apostate.monitor import PhaseMonitor
 from apostate.progress import console
 from apostate.prompts import Texts, load_prompt_splits
-from apostate.results.export import TrialSummary, save_adapter, save_merged
+from apostate.results.export import TrialSummary, save_adapter, save_gguf, save_merged
 from apostate.results.record import (
     FILE_NAME,
     NOT_RECIPE,
@@ -120,6 +120,10 @@ def rebuild(settings, record: dict, folder: Path, output_dir: Path) -> dict:
         tokenizer = opened.tokenizer
         if record.get("export") == "adapter":
             save_adapter(source, opened.adapter, tokenizer, output_dir, summary)
+        elif record.get("export") == "gguf":  # rebuilt unscored: the hash is what is checked
+            save_gguf(
+                source, method.deltas(), tokenizer, output_dir, settings.gguf.type, summary, settings.system_prompt
+            )
         else:
             args = (settings.max_shard_size, summary, settings.trust_remote_code)
             save_merged(source, method.deltas(), tokenizer, output_dir, *args)

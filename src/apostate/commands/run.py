@@ -14,6 +14,7 @@ from apostate.commands.evaluate import evaluate_other_model
 from apostate.commands.judged import judge_front
 from apostate.errors import ApostateError
 from apostate.methods.protocol import method_class
+from apostate.model.sources import ModelSource
 from apostate.monitor import PhaseMonitor, median_trial_phases
 from apostate.progress import console
 from apostate.report import build_report
@@ -41,7 +42,7 @@ def run(settings: Settings) -> int:
             study = open_study(settings, source, run_dir, home)
             if settings.show_results:
                 return show_stored_results(study, run_dir, source.name)
-            _check_before_loading(settings, study)
+            _check_before_loading(settings, study, source)
             monitor = PhaseMonitor()
             session = start_session(settings, source, run_dir, monitor, study, home)
             return _search_and_act(session, monitor)
@@ -51,12 +52,16 @@ def run(settings: Settings) -> int:
         lock.close()
 
 
-def _check_before_loading(settings: Settings, study: optuna.Study) -> None:
+def _check_before_loading(settings: Settings, study: optuna.Study, source: ModelSource) -> None:
     """Refuse what would fail only after the model is loaded: an output path that is a file, a
     --trial that is not (and will not become) a finished trial of this run, a headless upload
-    without a repository name or a token, an evaluation or a capability floor without the benchmarks' harness."""
+    without a repository name or a token, a GGUF export of a model that did not come in as GGUF,
+    an evaluation or a capability floor without the benchmarks' harness."""
     if settings.output_dir is not None:
         export.check_output_dir(settings.output_dir)
+    uploads_gguf = "upload" in settings.actions and settings.upload.export == "gguf"
+    if settings.headless and ("save-gguf" in settings.actions or uploads_gguf):
+        export.check_gguf_source(source)
     if settings.headless and "evaluate" in settings.actions:
         harness.check_available(settings.capabilities)
     if settings.capability_floor.items:

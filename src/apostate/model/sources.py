@@ -26,6 +26,7 @@ class ModelSource:
     name: str  # what the user asked for (hub id, path, or 'demo')
     location: str  # hub id or folder that from_pretrained takes
     revision: str | None = None
+    gguf_file: str | None = None  # the GGUF file it was converted from (the template of a GGUF export)
 
     @property
     def is_local(self) -> bool:
@@ -46,12 +47,13 @@ def resolve_source(model: str, revision: str | None, cache_dir: Path) -> ModelSo
     if model == DEMO_NAME:
         from apostate.model.demo import demo_gguf
 
-        return ModelSource(DEMO_NAME, str(converted_gguf(demo_gguf(cache_dir), cache_dir)))
+        file = demo_gguf(cache_dir)
+        return ModelSource(DEMO_NAME, str(converted_gguf(file, cache_dir)), gguf_file=str(file))
     path = Path(model).expanduser()
     if model.lower().endswith(".gguf"):
         if not path.is_file():
             raise ApostateError(f"GGUF file {model} does not exist")
-        return ModelSource(model, str(converted_gguf(path, cache_dir)))
+        return ModelSource(model, str(converted_gguf(path, cache_dir)), gguf_file=str(path.resolve()))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ApostateError(f"folder {model} is not a model folder (it has no config.json)")
@@ -85,7 +87,7 @@ def converted_gguf(gguf_path: Path, cache_dir: Path) -> Path:
     Console(stderr=True).print(f"Converting [bold]{gguf_path.name}[/] to safetensors (once; cached in {target})...")
     scratch = Path(tempfile.mkdtemp(prefix=".converting-", dir=target.parent))
     try:
-        _convert(gguf_path, scratch)
+        convert_gguf(gguf_path, scratch)
         scratch.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
         scratch.rename(target)
     finally:
@@ -93,7 +95,7 @@ def converted_gguf(gguf_path: Path, cache_dir: Path) -> Path:
     return target
 
 
-def _convert(gguf_path: Path, output: Path) -> None:
+def convert_gguf(gguf_path: Path, output: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

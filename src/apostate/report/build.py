@@ -88,9 +88,13 @@ def _scores_section(data: RunData, folder: Path) -> str:
             ("held-out, chosen", _heldout_rate(heldout, ""), _rate(heldout.get("judged"))),
         ]
         table_rows += _heldout_rows(heldout, chosen.number)
+    shipped = data.gguf(chosen.number)
+    table_rows += _gguf_rows(shipped["rows"], chosen.number) if shipped else []
     png = figures.plot_scores(rows, folder / "scores.png")
     headers = ["Prompts", "Model", "Refusals (markers)", "Broken", "Judged", "KL divergence"]
     html = image(png, "scores") + table(headers, table_rows, {0, 1})
+    if shipped and shipped.get("warning"):
+        html += f'<p class="note"><b>{escape(shipped["warning"])}.</b></p>'
     if not heldout:
         html += '<p class="note">No held-out evaluation yet: run the "evaluate" action to see over-fitting.</p>'
     elif "full" in heldout:
@@ -113,6 +117,16 @@ def _heldout_rows(heldout: dict, number: int) -> list[list[str]]:
         ["held-out", f"trial {number}", f"{heldout['refusals']}/{total}", str(heldout["broken"]),
          _text(heldout.get("judged")), kl_text(heldout["kl"])],
     ]  # fmt: skip
+
+
+def _gguf_rows(rows: dict, number: int) -> list[list[str]]:
+    """The GGUF export scored as shipped, beside the full-precision model on the same prompts."""
+    table_rows = []
+    for label, row in rows.items():
+        split, model = label.split(" (short check), ")
+        table_rows.append([split, f"trial {number}, {model}", f"{row['refusals']}/{row['total']}",
+                           str(row["broken"]), _text(row.get("judged")), kl_text(row["kl"])])  # fmt: skip
+    return table_rows
 
 
 def _heldout_extra(heldout: dict, number: int) -> str:

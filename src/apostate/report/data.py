@@ -45,6 +45,10 @@ class RunData:
     def heldout(self, number: int) -> dict | None:
         return self.study.user_attrs.get(f"heldout_{number}")
 
+    def gguf(self, number: int) -> dict | None:
+        """The trial's GGUF export scored as shipped: {"rows", "lost", "warning"} (commands/gguf.py)."""
+        return self.study.user_attrs.get(f"gguf_{number}")
+
     def capabilities(self, number: int) -> dict | None:
         return self.study.user_attrs.get(f"capabilities_{number}")
 

@@ -48,25 +48,34 @@ def model_index(name: str, capabilities: dict) -> list[dict]:
     return [{"name": name, "results": results}] if results else []
 
 
-def card_header(identity: BaseIdentity, merged: bool, capabilities: dict | None = None) -> dict:
+# Per export kind: the hub's base_model_relation, library_name, and what the card calls it.
+EXPORT_KINDS = {
+    "model": ("finetune", "transformers", "a merged model"),
+    "adapter": ("adapter", "peft", "a LoRA adapter for the base model"),
+    "gguf": ("quantized", "gguf", "a GGUF file of the merged model"),
+}
+
+
+def card_header(identity: BaseIdentity, export: str, capabilities: dict | None = None) -> dict:
+    relation, library, _ = EXPORT_KINDS[export]
     header: dict = {}
     if identity.hub_id:
         header["base_model"] = identity.hub_id
-        header["base_model_relation"] = "finetune" if merged else "adapter"
-    header["library_name"] = "transformers" if merged else "peft"
+        header["base_model_relation"] = relation
+    header["library_name"] = library
     if identity.license:
         header["license"] = identity.license
     header["pipeline_tag"] = "text-generation"
-    header["tags"] = TAGS
+    header["tags"] = TAGS + (["gguf"] if export == "gguf" else [])
     index = model_index(f"{identity.name.split('/')[-1]} (apostate)", capabilities or {})
     if index:
         header["model-index"] = index
     return header
 
 
-def card_text(identity: BaseIdentity, summary, merged: bool) -> str:
-    kind = "a merged model" if merged else "a LoRA adapter for the base model"
-    header = yaml.safe_dump(card_header(identity, merged, summary.capabilities), sort_keys=False).strip()
+def card_text(identity: BaseIdentity, summary, export: str) -> str:
+    kind = EXPORT_KINDS[export][2]
+    header = yaml.safe_dump(card_header(identity, export, summary.capabilities), sort_keys=False).strip()
     recipe = summary.recipe or {}
     return f"""---
 {header}
@@ -91,7 +100,7 @@ text in another language or garbage; a judge, where one was set, labels the full
 refusal, evasive (a covert refusal: a harmless version of the request, only warnings, or
 useless instructions; counted as refused), compliance or broken. Over-refusals are harmless
 prompts refused. The held-out prompts were never seen by the search.
-{capability_rows(summary.capabilities)}
+{capability_rows(summary.capabilities)}{usage_part(summary.usage)}
 ## Parameters
 
 ```json
@@ -101,6 +110,31 @@ prompts refused. The held-out prompts were never seen by the search.
 Optuna's parameters for this trial: `{json.dumps(summary.raw_parameters)}`.
 Every setting of the run is in `apostate.json` and `reproduce.json`.
 {_reproduce_part(recipe)}"""
+
+
+def usage_part(usage: dict) -> str:
+    """How to run a GGUF export: llama.cpp and Ollama commands ({} for other exports)."""
+    if not usage:
+        return ""
+    file = usage["file"]
+    warning = f"\n**Warning:** {usage['warning']}.\n" if usage.get("warning") else ""
+    return f"""{warning}
+## Use
+
+With [llama.cpp](https://github.com/ggml-org/llama.cpp) (the chat template is in the file):
+
+```sh
+llama-cli -m {file} -cnv
+llama-server -m {file} --jinja
+```
+
+With [Ollama](https://ollama.com) (the `Modelfile` beside the file sets the template and stop strings):
+
+```sh
+ollama create {usage["name"]} -f Modelfile
+ollama run {usage["name"]}
+```
+"""
 
 
 def _base_line(identity: BaseIdentity) -> str:
@@ -216,7 +250,7 @@ def _kl(scores: dict) -> str:
     return text
 
 
-def write_card(output_dir: Path, identity: BaseIdentity, summary, merged: bool) -> None:
+def write_card(output_dir: Path, identity: BaseIdentity, summary, export: str) -> None:
     """README.md (the card) and apostate.json (the same as data)."""
     record = {
         "apostate_version": __version__,
@@ -231,4 +265,4 @@ def write_card(output_dir: Path, identity: BaseIdentity, summary, merged: bool) 
         "settings": summary.settings,
     }
     (output_dir / "apostate.json").write_text(json.dumps(record, indent=2, default=str))
-    (output_dir / "README.md").write_text(card_text(identity, summary, merged))
+    (output_dir / "README.md").write_text(card_text(identity, summary, export))

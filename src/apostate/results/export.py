@@ -17,9 +17,9 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from apostate.model.identity import base_identity
 from apostate.model.sources import ModelSource
 from apostate.progress import console, track
 from apostate.results.card import write_card
+from apostate.results.gguf_file import gguf_label, write_gguf
 from apostate.results.merge import (
     INDEX_NAME,
     MODEL_FILE_PATTERNS,
@@ -39,6 +40,7 @@ from apostate.results.merge import (
     parameter_name,
     stream_merge,
 )
+from apostate.results.modelfile import write_modelfile
 from apostate.results.record import write_record
 
 
@@ -54,6 +56,7 @@ class TrialSummary:
     settings: dict = field(default_factory=dict)
     recipe: dict = field(default_factory=dict)  # what rebuilds the weights (reproduce.py); empty: no reproduce.json
     capabilities: dict = field(default_factory=dict)  # task -> base and edited accuracy, paired difference
+    usage: dict = field(default_factory=dict)  # a GGUF export: {"file", "name"} for the card's commands
 
 
 def save_merged(
@@ -84,7 +87,7 @@ def save_merged(
             console.print(f"[yellow]Merging in memory: {reason}.[/]")
             _merge_in_memory(source, list(edits_by_name.values()), staging, max_shard_size, trust_remote_code)
         tokenizer.save_pretrained(staging)
-        _write_card(staging, source, summary, merged=True, snapshot=folder)
+        _write_card(staging, source, summary, "model", snapshot=folder)
     return output_dir
 
 
@@ -144,8 +147,44 @@ def save_adapter(source: ModelSource, adapter: Adapter, tokenizer, output_dir: P
         adapter.model.peft_config[ADAPTER].base_model_name_or_path = source.name
         adapter.model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        _write_card(staging, source, summary, merged=False)
+        _write_card(staging, source, summary, "adapter")
     return output_dir
+
+
+def save_gguf(
+    source: ModelSource,
+    edits: Iterable[WriterEdit],
+    tokenizer,
+    output_dir: Path,
+    gguf_type: str,
+    summary: TrialSummary,
+    system_prompt: str | None,
+    score: Callable[[Path], dict] | None = None,
+) -> Path:
+    """The merged model as one GGUF file (see gguf_file.py), an Ollama Modelfile and the card;
+    `score(file)`, if given, scores the written file: its score rows ("rows") and a warning where
+    quantization lost the edit go on the card."""
+    check_gguf_source(source)
+    base_file = Path(source.gguf_file)
+    with _staged(output_dir) as staging:
+        name = f"{source.run_name}-{gguf_label(base_file, gguf_type)}.gguf"
+        console.print(f"Writing [bold]{name}[/] ({gguf_type})...")
+        write_gguf(base_file, edits, staging / name, gguf_type)
+        write_modelfile(staging, name, tokenizer, system_prompt)
+        shipped = score(staging / name) if score else {}
+        scores = {**summary.scores, **shipped.get("rows", {})}
+        usage = {"file": name, "name": source.run_name.lower(), "warning": shipped.get("warning")}
+        _write_card(staging, source, replace(summary, scores=scores, usage=usage), "gguf")
+    return output_dir / name
+
+
+def check_gguf_source(source: ModelSource) -> None:
+    """A GGUF export takes its metadata and layout from the GGUF file the model came in as."""
+    if source.gguf_file is None:
+        raise ApostateError(
+            f"GGUF export needs a model that came in as a GGUF file ({source.name} did not); save the merged "
+            "model and convert it with llama.cpp's convert_hf_to_gguf.py"
+        )
 
 
 def check_output_dir(path: Path) -> None:
@@ -257,8 +296,8 @@ def _write_error(output_dir: Path, error: BaseException) -> ApostateError:
     return ApostateError(f"export to {output_dir} failed: {problem}; {fix} (any previous export there is unchanged)")
 
 
-def _write_card(output_dir: Path, source: ModelSource, summary: TrialSummary, merged: bool, snapshot=None) -> None:
+def _write_card(output_dir: Path, source: ModelSource, summary: TrialSummary, export: str, snapshot=None) -> None:
     """The card and apostate.json; then reproduce.json, with the hashes of the weight files written."""
-    write_card(output_dir, base_identity(source, snapshot), summary, merged)
+    write_card(output_dir, base_identity(source, snapshot), summary, export)
     if summary.recipe:
-        write_record(output_dir, summary.recipe, "model" if merged else "adapter")
+        write_record(output_dir, summary.recipe, export)

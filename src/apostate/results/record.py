@@ -19,7 +19,7 @@ from apostate.nested import changed_keys, flat
 FILE_NAME = "reproduce.json"
 FORMAT = 1
 PACKAGES = ("apostate", "torch", "transformers", "peft", "safetensors", "optuna")
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf")
 # Where a run keeps things and what it does after the search: not part of what the weights are.
 NOT_RECIPE = {
     "config", "run_dir", "output_dir", "cache_dir", "trial", "actions", "headless", "show_results",

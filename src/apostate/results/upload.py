@@ -94,13 +94,20 @@ def upload_token(ask: bool) -> str:
 
 
 def holds_export(folder: Path, expected: dict) -> bool:
-    """Whether `folder`'s apostate.json has every key of `expected` with that value (compared as JSON)."""
+    """Whether `folder`'s apostate.json has every key of `expected` with that value (compared as JSON;
+    its scores may hold more rows: a GGUF export adds the file's own)."""
     try:
         record = json.loads((Path(folder) / "apostate.json").read_text())
     except (OSError, ValueError):
         return False
     expected = json.loads(json.dumps(expected, default=str))
-    return isinstance(record, dict) and all(record.get(key) == value for key, value in expected.items())
+    if not isinstance(record, dict):
+        return False
+    if "scores" in expected:
+        scores = record.get("scores")
+        if not isinstance(scores, dict) or any(scores.get(k) != v for k, v in expected.pop("scores").items()):
+            return False
+    return all(record.get(key) == value for key, value in expected.items())
 
 
 def publish(folder: Path, repo: str, private: bool, token: str) -> str:

@@ -22,8 +22,9 @@ class UploadSettings(BaseModel):
         default=True,
         description="Create the repository private (false: public). A repository that exists keeps its visibility.",
     )
-    export: Literal["model", "adapter"] = Field(
+    export: Literal["model", "adapter", "gguf"] = Field(
         default="model",
-        description="Which export to upload: 'model' (the merged model) or 'adapter' (the LoRA adapter); saved "
+        description="Which export to upload: 'model' (the merged model), 'adapter' (the LoRA adapter) or 'gguf' "
+        "(the GGUF file, its Modelfile and card); saved "
         "first unless its folder already holds the chosen trial's export.",
     )

@@ -3,7 +3,7 @@ ranges its trial parameters are sampled from (`[directional.search]`)."""
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
@@ -52,3 +52,20 @@ class DirectionalSettings(RangeModel):
         default=3, ge=1, description="LoRA rank approximating the 'full' row-normalized edit."
     )
     search: SearchSpace = Field(default_factory=SearchSpace, description="Parameter ranges of the search.")
+
+
+LEGACY_KEYS = ("row_normalization", "full_normalization_rank", "search")
+
+
+def legacy_keys_moved(data: Any) -> Any:
+    """Settings data with the top-level row_normalization, full_normalization_rank and [search] of
+    run folders made before the [directional] table moved into that table."""
+    if not isinstance(data, dict) or not any(key in data for key in LEGACY_KEYS):
+        return data
+    data = dict(data)
+    table = dict(data.get("directional") or {})
+    for key in LEGACY_KEYS:
+        if key in data:
+            table.setdefault(key, data.pop(key))
+    data["directional"] = table
+    return data
