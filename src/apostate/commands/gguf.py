@@ -62,6 +62,7 @@ def score_shipped(session: Session, trial, file: Path) -> dict:
     for split, scores in full.items():
         rows[f"{split} (short check), full precision"] = scores
         rows[f"{split} (short check), {label}"] = shipped_scores[split]
+    _print_rows(rows)
     lost = lost_edit(base, full, shipped_scores)
     warning = None
     if lost["share"] > session.settings.gguf.max_lost_edit:
@@ -73,6 +74,13 @@ def score_shipped(session: Session, trial, file: Path) -> dict:
         console.print(f"[red bold]{warning}[/]")
     session.study.set_user_attr(f"gguf_{trial.number}", {"rows": rows, "lost": lost, "warning": warning})
     return {"rows": rows, "warning": warning}
+
+
+def _print_rows(rows: dict) -> None:
+    for label, scores in rows.items():
+        judged = scores.get("judged")
+        verdict = f", judged {judged['refusals']}/{judged['total']}" if judged else ""
+        console.print(f"* {label}: refusals {scores['refusals']}/{scores['total']}{verdict}, KL {scores['kl']:.4f}")
 
 
 def lost_edit(base: dict, full: dict, shipped: dict) -> dict:
