@@ -83,15 +83,8 @@ def evaluate_heldout(session: Session, trial) -> Scores:
     """The trial and the base model on the held-out prompts (never seen by the search), kept in
     the study as `heldout_<trial>`; counts per harm category where prompts have one."""
     _require_heldout(session.texts)
-    loaded, settings = session.loaded, session.settings
-    args = (
-        session.opened.kernels,
-        scoring_options(settings, evaluation=True),
-        session.startup.batch_size,
-        session.texts,
-    )
-    scorer = build_scorer(loaded.tokenizer, loaded.device, *args, subset="heldout")
-    tokens = settings.evaluation_response_tokens
+    scorer = heldout_scorer(session, evaluation=True)
+    tokens = session.settings.evaluation_response_tokens
     session.method.reset()
     base = measure_heldout(scorer, session.model, session.judge, tokens, base=True)
     session.restore(trial)
@@ -107,6 +100,14 @@ def evaluate_heldout(session: Session, trial) -> Scores:
     session.study.set_user_attr(f"heldout_{trial.number}", record)
     write_answers(session.run_dir / f"heldout-answers-{trial.number}.jsonl", scorer.harmful_prompts, base, edited)
     return Scores(edited.kl, edited.short.refusals, edited.short.total, edited.short.broken)
+
+
+def heldout_scorer(session: Session, evaluation: bool) -> Scorer:
+    """A scorer of the held-out prompts, with the session's kernels and batch size: at the evaluation's
+    scoring options, or (`evaluation` False) the search's."""
+    options = scoring_options(session.settings, evaluation=evaluation)
+    args = (session.opened.kernels, options, session.startup.batch_size, session.texts)
+    return build_scorer(session.loaded.tokenizer, session.loaded.device, *args, subset="heldout")
 
 
 def write_answers(path: Path, prompts: list[str], base: HeldoutMeasures, edited: HeldoutMeasures) -> None:

@@ -14,14 +14,14 @@ import gc
 import tempfile
 from pathlib import Path
 
+from apostate.commands.evaluate import heldout_scorer
 from apostate.decoding import CpuKernels
 from apostate.model.sources import ModelSource, convert_gguf
 from apostate.progress import console
 from apostate.results.export import TrialSummary, save_gguf
-from apostate.scoring.scorer import Scorer, build_scorer
+from apostate.scoring.scorer import Scorer
 from apostate.scoring.verdicts import VerdictCounts
 from apostate.session import Session, open_model
-from apostate.startup.measure import scoring_options
 
 
 def save_gguf_export(session: Session, trial, summary: TrialSummary, output: Path) -> Path:
@@ -101,9 +101,7 @@ def lost_edit(base: dict, full: dict, shipped: dict) -> dict:
 def _heldout_scorer(session: Session, trial) -> tuple[Scorer, int]:
     """The held-out prompts at the search's settings, the base model's distributions recorded; and
     the base model's refusals on them."""
-    settings = session.settings
-    args = (session.opened.kernels, scoring_options(settings), session.startup.batch_size, session.texts)
-    scorer = build_scorer(session.loaded.tokenizer, session.loaded.device, *args, subset="heldout")
+    scorer = heldout_scorer(session, evaluation=False)
     session.method.reset()
     base = scorer.record_base(session.model)
     session.restore(trial)

@@ -56,7 +56,7 @@ class TrialSummary:
     settings: dict = field(default_factory=dict)
     recipe: dict = field(default_factory=dict)  # what rebuilds the weights (reproduce.py); empty: no reproduce.json
     capabilities: dict = field(default_factory=dict)  # task -> base and edited accuracy, paired difference
-    usage: dict = field(default_factory=dict)  # a GGUF export: {"file", "name"} for the card's commands
+    usage: dict = field(default_factory=dict)  # a GGUF export: {"file", "name", "warning"} for the card
 
 
 def save_merged(
