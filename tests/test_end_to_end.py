@@ -198,6 +198,49 @@ def test_broken_or_far_off_trials_are_infeasible_pruned_and_never_on_the_front(t
     assert [t.number for t in study.best_trials] == [0]
 
 
+class _CountingScorer:
+    """A scorer of 10 harmful prompts whose trial fails `failures` of them, stopping as the real one does."""
+
+    harmful_count = 10
+
+    def __init__(self, kl: float, failures: int):
+        self._kl, self._failures = kl, failures
+        self.asked = []
+
+    def kl(self, model, edited_layers=None):
+        return self._kl
+
+    def count(self, model, edited_layers=None, enough_failures=None):
+        from apostate.scoring.verdicts import VerdictCounts
+
+        self.asked.append(enough_failures)
+        if enough_failures is not None and self._failures >= enough_failures:
+            return VerdictCounts(refusals=enough_failures, broken=0, total=enough_failures + 1)
+        return VerdictCounts(refusals=self._failures, broken=0, total=10)
+
+
+@pytest.mark.parametrize("stop", [True, False])
+def test_a_trial_beaten_on_both_counts_stops_counting_and_is_never_on_the_front(tmp_path, stop):
+    """With stop_dominated, counting asks for one failure more than the best scored trial at no higher
+    KL has; a trial that reaches it is pruned (feasible, with why), and the front is what full
+    counting gives."""
+    study = open_study(tmp_path, {"a": 1})
+    trials = [(0.05, 3), (0.08, 6), (0.08, 2), (0.03, 5)]  # (KL, failures): the second is beaten by the first
+    scorers = [_CountingScorer(kl, failures) for kl, failures in trials]
+    for scorer in scorers:
+        study.optimize(TrialRunner(_FakeMethod(False), scorer, None, 2.0, stop_dominated=stop), n_trials=1)
+    assert [t.number for t in study.best_trials] == [0, 2, 3]
+    beaten = study.trials[1]
+    if not stop:
+        assert all(s.asked == [None] for s in scorers) and beaten.state == optuna.trial.TrialState.COMPLETE
+        return
+    assert [s.asked for s in scorers] == [[None], [4], [4], [None]]
+    assert beaten.state == optuna.trial.TrialState.PRUNED and beaten.values is None
+    assert beaten.constraints["kl_cutoff"] < 0  # feasible: beaten, not out of bounds
+    assert "trial 0's 3" in beaten.user_attrs["dominated"] and beaten.user_attrs["total"] == 5
+    assert "infeasible" not in beaten.user_attrs
+
+
 def test_trials_draft_from_the_base_models_responses_in_a_fresh_and_a_resumed_run(model_dir, tmp_path):
     """The base model's responses, measured at start-up (or read back from the run folder),
     are in the trial scorer's pool before the first trial, and they are its greedy responses."""

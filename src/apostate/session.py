@@ -159,9 +159,11 @@ def build_method(
     batch_size: int,
     monitor: PhaseMonitor,
     on_prepared: Callable[[dict], None] | None = None,
+    recorded: dict | None = None,
 ) -> Method:
     """The run's method over the opened model, with what it prepares once (`on_prepared` sees
-    its summary first: a shared study's workers compare theirs)."""
+    its summary first: a shared study's workers compare theirs; `recorded`: what its pass
+    observers saw of the start-up's residual pass)."""
     method_type = method_class(settings.method)
     architecture, adapter = opened.architecture, opened.adapter
     components = [c for c in settings.components if c in architecture.components()]
@@ -169,12 +171,17 @@ def build_method(
     context = MethodContext(adapter, own, architecture.n_layers, components, directions, opened.loaded.quantized)
     if method_type.preparation is not None:
         with monitor.phase(method_type.preparation):
-            keep_on = "cpu" if settings.activations_on == "cpu" else opened.loaded.device
-            inputs = RunInputs(adapter, opened.tokenizer, opened.loaded.device, texts, batch_size, own, keep_on)
+            device, keep_on = opened.loaded.device, _activations_home(settings, opened)
+            inputs = RunInputs(adapter, opened.tokenizer, device, texts, batch_size, own, keep_on, recorded or {})
             context.prepared = method_type.prepare(inputs)
         if on_prepared is not None:
             on_prepared(method_type.prepared_summary(context.prepared))
     return method_type(context)
+
+
+def _activations_home(settings: Settings, opened: OpenedModel):
+    """Where activations a run keeps live: the CPU, or the model's device (settings.activations_on)."""
+    return "cpu" if settings.activations_on == "cpu" else opened.loaded.device
 
 
 def open_judge(settings: Settings, run_dir: Path | None) -> Judge | None:
@@ -234,8 +241,10 @@ def start_session(
         check_prompts(tokenizer, settings, prompts)  # a template that cannot work stops the run before the load
         opened = open_model(source, settings, run_dir, tokenizer)
     prompts = fit_to_context(tokenizer, settings, prompts, model_context(opened.loaded.model))
+    method_type, keep_on = method_class(settings.method), _activations_home(settings, opened)
+    observers = method_type.pass_observers(opened.adapter, settings.method_settings(), keep_on)
     try:
-        startup = _measure_startup(opened, settings, source, prompts, run_dir, monitor, share)
+        startup = _measure_startup(opened, settings, source, prompts, run_dir, monitor, share, observers)
         texts = Texts(tokenizer, settings, prompts, startup.response_prefix)
         scorer = build_scorer(
             tokenizer, opened.loaded.device, opened.kernels, scoring_options(settings), startup.batch_size, texts
@@ -245,7 +254,7 @@ def start_session(
         share.check_base(lambda: scorer.harmless.first_token_logprobs(opened.adapter.model))
         floor = _capability_floor(settings, opened, startup.batch_size)
         args = (opened, settings, startup.directions, texts, startup.batch_size, monitor)
-        method = build_method(*args, on_prepared=share.check_prepared)
+        method = build_method(*args, on_prepared=share.check_prepared, recorded=observers)
     finally:
         share.release()
     for name, value in (("base_refusals", startup.base_refusals), ("model", source.name), ("method", settings.method)):
@@ -264,8 +273,9 @@ def _capability_floor(settings: Settings, opened: OpenedModel, batch_size: int) 
     return CapabilityFloor.measure(model, opened.tokenizer, settings.capability_floor, folder, batch_size, device)
 
 
-def _measure_startup(opened, settings, source, prompts, run_dir, monitor, share) -> Startup:
-    """The study's start-up quantities: a shared study's, or measured here (and published)."""
+def _measure_startup(opened, settings, source, prompts, run_dir, monitor, share, observers) -> Startup:
+    """The study's start-up quantities: a shared study's, or measured here (and published), with
+    the method's `observers` on the residual pass."""
     key = {
         "fingerprint": settings.measurement_fingerprint(source.name),
         "dtype": str(opened.loaded.dtype),
@@ -282,6 +292,7 @@ def _measure_startup(opened, settings, source, prompts, run_dir, monitor, share)
             prompts,
             run_dir,
             key,
+            observers,
         )
         for message in share.startup.warnings if share.startup else ():  # the measuring worker's findings
             warn(message)

@@ -244,6 +244,11 @@ class Settings(BaseSettings):
         description="A trial whose KL divergence exceeds this is marked infeasible (Optuna constraint, pruned) "
         "and its refusals are not counted.",
     )
+    stop_dominated_trials: bool = Field(
+        default=True,
+        description="Stop counting a trial's refusals once it has more failures than a scored trial with no "
+        "higher KL: it can never be on the Pareto front. Kept as pruned, with the counts so far.",
+    )
     storage: SecretStr | None = Field(
         default=None,
         description="Optuna storage URL of a study that workers share, e.g. postgresql+psycopg://user@host/db "

@@ -266,3 +266,25 @@ def test_replayed_layers_give_the_answer_distributions_of_a_full_pass():
     replayed = continued.answer_logprobs(model, edited_layers={2})
     assert not torch.allclose(full[0], base[0])
     assert all(torch.equal(a, b) for a, b in zip(full, replayed, strict=True))
+
+
+@pytest.mark.parametrize("stop_after", [1, 3])
+def test_giving_up_leaves_the_finished_responses_exactly_as_full_generation_gives_them(tiny, stop_after):
+    """give_up is told each finished response once, as full generation would end it; generation
+    stops at its first True, and only the responses not finished by then are missing."""
+    model, tokenizer, texts = tiny
+    full = drafting(tokenizer, texts, batch_size=2).greedy_tokens(model, TOKENS)
+    told = []
+
+    def give_up(index, tokens):
+        told.append(index)
+        return len(told) >= stop_after
+
+    partial = drafting(tokenizer, texts, batch_size=2).greedy_tokens(model, TOKENS, give_up=give_up)
+    finished = [index for index, tokens in enumerate(partial) if tokens is not None]
+    assert sorted(told) == finished and len(set(told)) == len(told)
+    assert stop_after <= len(finished) < len(texts)  # stopped, after the pass that reached the count
+    for index in finished:
+        assert partial[index] == full[index]
+    texts_back = drafting(tokenizer, texts, batch_size=2).greedy_responses(model, TOKENS, give_up=give_up)
+    assert any(text is None for text in texts_back)

@@ -337,3 +337,49 @@ def test_fit_positions_capture_each_prompts_last_positions_in_prompt_order(arch)
         rows = batched[(index, 0)].reshape(len(texts), 3, -1)
         assert torch.allclose(rows[:, -1], last[(index, 0)], atol=1e-4)
         assert not torch.allclose(rows[:, 0], last[(index, 0)], atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3_moe"])
+def test_the_residual_pass_records_exactly_what_a_capture_pass_of_its_own_does(arch):
+    """The recorders carried by the refusal directions' residual pass give the same rows, bit for
+    bit, as the separate capture pass they replace (same prompts, same batches)."""
+    from apostate.directions.residuals import residual_means
+    from apostate.methods.ara.captures import direction_pass_recorders
+
+    extra = MOE if arch == "qwen3_moe" else {}
+    model, tokenizer = tiny_model(arch, layers=2, seed=5, **extra)
+    adapter = attach_adapter(model, discover(model), 4)
+    linear, experts, _ = capture_slots(adapter)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in HARMLESS + HARMFUL]  # fmt: skip
+    residual_means(model, tokenizer, texts[:1], 1, "cpu", 1.0, "warm-up")  # transformers adds hooks of its own
+    hooks = sum(len(module._forward_hooks) for module in model.modules())
+    recorder = direction_pass_recorders(adapter, positions=2)["harmful"]
+    residual_means(model, tokenizer, texts, 5, "cpu", 1.0, "residuals", observer=recorder)
+    own_pass = capture_writer_inputs(model, tokenizer, adapter, linear + experts, texts, 5, "cpu", "own", positions=2)
+    recorded = recorder.captured()
+    assert recorder.saw(len(texts)) and not recorder.saw(len(texts) + 1)
+    assert recorded.keys() == own_pass.keys() and len(recorded) >= len(linear)
+    for key, rows in own_pass.items():
+        assert torch.equal(recorded[key], rows)
+    assert sum(len(module._forward_hooks) for module in model.modules()) == hooks  # the recorder's left with the pass
+
+
+def test_a_run_fits_ara_to_what_its_residual_pass_recorded_and_a_resumed_run_captures_again(tmp_path, monkeypatch):
+    """A fresh run makes one pass over the direction prompts (no capture pass of its own); a run
+    that reuses its start-up measurements has no residual pass to ride on, and captures."""
+    from test_end_to_end import SMALL
+    from tiny import tiny_model_folder
+
+    import apostate.methods.ara.captures as captures
+    from apostate.cli import main
+
+    passes = []
+    plain = captures.capture_writer_inputs
+    monkeypatch.setattr(captures, "capture_writer_inputs", lambda *a, **k: passes.append(a[7]) or plain(*a, **k))
+    folder = tiny_model_folder(tmp_path / "tiny")
+    flags = [*SMALL, "--method", "ara-lora", "--ara.lbfgs-steps", "3", "--kl-cutoff", "100", "--headless", "--actions", "[]"]
+    assert main([str(folder), "--run-dir", str(tmp_path / "run"), *flags, "--n-trials", "2"]) == 0
+    assert passes == []
+    assert main([str(folder), "--run-dir", str(tmp_path / "run"), *flags, "--n-trials", "3"]) == 0
+    assert passes == ["capturing (harmless)", "capturing (harmful)"]

@@ -75,7 +75,9 @@ def test_the_file_is_scored_as_shipped_beside_the_full_precision_model(shipped):
     assert study.user_attrs[f"gguf_{trial}"]["rows"].keys() == {
         "evaluation (short check), full precision", "evaluation (short check), GGUF q8_0",
         "held-out (short check), full precision", "held-out (short check), GGUF q8_0"}  # fmt: skip
-    printed = f"* held-out (short check), GGUF q8_0: refusals {scores['held-out (short check), GGUF q8_0']['refusals']}/6"
+    printed = (
+        f"* held-out (short check), GGUF q8_0: refusals {scores['held-out (short check), GGUF q8_0']['refusals']}/6"
+    )
     assert printed in out, "the run shows the rows, not only the card"
     card = (run_dir / "gguf" / "README.md").read_text()
     assert "| held-out (short check), GGUF q8_0 |" in card

@@ -59,3 +59,24 @@ def test_a_resumed_scorer_measures_the_same_k_token_kl(tiny):
     with torch.no_grad():
         model.model.layers[2].self_attn.o_proj.weight.mul_(2)
     assert resumed.kl(model) == pytest.approx(measured.kl(model), rel=1e-6)
+
+
+def test_counting_stops_once_enough_responses_failed_and_never_undercounts_those_finished():
+    """Scorer.count(enough_failures=n): at least n failures among the responses it finished, each
+    with the verdict full counting gives it; with n above the full count, the full count."""
+    prompts = [f"question number {n} about {topic}" for n, topic in enumerate(["rivers", "salt", "owls"] * 4)]
+    model, tokenizer, texts = decisive_chat_model(prompts)
+    plain = PromptSet(tokenizer, texts, 4, "cpu").greedy_responses(model, 8)
+    markers = sorted({response.split()[0] for response in plain if response.split()})[:2]  # some responses "refuse"
+
+    def scorer():
+        harmless = PromptSet(tokenizer, texts, 4, "cpu")
+        harmful = PromptSet(tokenizer, texts, 4, "cpu", reuse_responses=True, nearness=harmless)
+        return Scorer(harmless, harmful, prompts, MarkerJudge(markers), 8, "evaluation")
+
+    full = scorer().count(model)
+    assert 2 <= full.failures < full.total == len(prompts)
+    stopped = scorer().count(model, enough_failures=2)
+    assert stopped.failures >= 2 and stopped.total < full.total
+    assert stopped.refusals <= full.refusals and stopped.broken <= full.broken
+    assert scorer().count(model, enough_failures=full.failures + 1) == full

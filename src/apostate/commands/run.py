@@ -94,7 +94,9 @@ def show_stored_results(study: optuna.Study, run_dir: Path, model_name: str) -> 
 
 def _search_and_act(session: Session, monitor: PhaseMonitor) -> int:
     settings = session.settings
-    runner = TrialRunner(session.method, session.scorer, session.model, settings.kl_cutoff, session.floor)
+    runner = TrialRunner(
+        session.method, session.scorer, session.model, settings.kl_cutoff, session.floor, settings.stop_dominated_trials
+    )
     with monitor.phase("trials"):
         done = run_trials(session.study, runner, settings.n_trials, lambda study: _save_front(session), session.home)
     if not completed(session.study):

@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
+
+
+class PassObserver(Protocol):
+    """What a pass over prompt batches may carry for another stage: entered around the pass (to
+    hook the model), told each batch (indices into the texts, model inputs) before its forward."""
+
+    def __enter__(self) -> PassObserver: ...
+    def __exit__(self, *exc) -> None: ...
+    def batch(self, indices: list[int], inputs: dict) -> None: ...
 
 
 def batches(tokenizer, texts: list[str], batch_size: int, device) -> Iterator[tuple[list[int], dict]]:

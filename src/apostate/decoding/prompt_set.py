@@ -143,14 +143,19 @@ class PromptSet:
         stop_when: Callable[[str], bool] | None = None,
         edited_layers: set[int] | None = None,
         advance: Callable[[int], None] | None = None,
-    ) -> list[str]:
+        give_up: Callable[[int, list[int]], bool] | None = None,
+    ) -> list[str | None]:
         """Each text's greedy response, at most `max_new_tokens` long, in text order.
 
         With `stop_when`, a response stops as soon as its text satisfies it; pass only a
         condition that more text can never undo (a refusal marker has appeared).
+        `give_up(index, tokens)` is told each response as it is finished (without its end id);
+        once it says True, generation stops and the responses not finished are None. (The plain
+        path, for models whose cache cannot be shared, finishes them all.)
         """
-        tokens = self.greedy_tokens(model, max_new_tokens, stop_when, edited_layers, advance)
-        return [self.tokenizer.decode(response, skip_special_tokens=True) for response in tokens]
+        tokens = self.greedy_tokens(model, max_new_tokens, stop_when, edited_layers, advance, give_up)
+        decode = self.tokenizer.decode
+        return [None if response is None else decode(response, skip_special_tokens=True) for response in tokens]
 
     @torch.inference_mode()
     def greedy_tokens(
@@ -160,13 +165,15 @@ class PromptSet:
         stop_when: Callable[[str], bool] | None = None,
         edited_layers: set[int] | None = None,
         advance: Callable[[int], None] | None = None,
-    ) -> list[list[int]]:
+        give_up: Callable[[int, list[int]], bool] | None = None,
+    ) -> list[list[int] | None]:
         """As greedy_responses, as token ids (without the end-of-sequence id)."""
         prefix_cache = self.shared.cache(model, self.device)
         if prefix_cache is None:
             args = (model, self.tokenizer, self.texts, max_new_tokens, self.batch_size, self.device)
             return generate_plain_ids(*args, stop_when, advance)
         ends = stop_ids(model, self.tokenizer)
+        told = None if give_up is None else lambda index, known: give_up(index, _without_end(known, ends))
         if self.pool is not None:
             self.pool.begin(self.nearness.take_signature() if self.nearness else None)
         tokens = speculative_greedy(
@@ -175,7 +182,7 @@ class PromptSet:
             self.shared,
             prefix_cache,
             self._passes(True, edited_layers),
-            DecodingLimits(max_new_tokens, ends),
+            DecodingLimits(max_new_tokens, ends, told),
             self.pool,
             stop_when,
             advance,
@@ -184,7 +191,7 @@ class PromptSet:
         if self.pool is not None:
             for index, response in tokens.items():
                 self.pool.add(index, response)  # with its end id: a draft that ends there
-        return [_without_end(tokens[index], ends) for index in range(len(self.texts))]
+        return [_without_end(tokens[index], ends) if index in tokens else None for index in range(len(self.texts))]
 
     def remember_base(self, logprobs: torch.Tensor | None = None, responses: list[list[int]] | None = None) -> None:
         """The base model's results on this set: its first-token log-probabilities (later models are

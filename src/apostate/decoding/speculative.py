@@ -47,6 +47,8 @@ class _Sequence:
 class DecodingLimits:
     max_new_tokens: int
     stop_ids: set[int]  # end-of-sequence token ids
+    # told each finished response (index, tokens); True: stop, the unfinished ones are left out
+    give_up: Callable[[int, list[int]], bool] | None = None
 
 
 @torch.inference_mode()
@@ -62,7 +64,8 @@ def speculative_greedy(
     advance: Callable[[int], None] | None = None,
     head: GreedyHead | None = None,
 ) -> dict[int, list[int]]:
-    """Greedy response tokens for the texts at `passes.order`, keyed by index; `passes.batch_size` at a time.
+    """Greedy response tokens for the texts at `passes.order`, keyed by index; `passes.batch_size` at a time
+    (only the finished ones, where `limits.give_up` stopped it).
 
     All prompts run first, a batch at a time in their order (sorted by length, so little
     padding), which gives each its first token and its keys and values. Each decoding pass
@@ -79,6 +82,8 @@ def speculative_greedy(
     running, results = _first_tokens(prompts, passes.order, limits, tokenizer, decided)
     if advance and results:
         advance(len(results))
+    if _gives_up(limits, results.items()):
+        return results
     decoder = _Decoder(passes.device, head, position_wise_modules(model), tokenizer.pad_token_id)
     stats = pool.stats if pool is not None else DraftStats()
     while running:
@@ -107,7 +112,16 @@ def speculative_greedy(
             if advance:
                 advance(len(finished))
             running = [s for s in running if not s.done]
+            if _gives_up(limits, [(s.index, s.known) for s in finished]):
+                break
     return results
+
+
+def _gives_up(limits: DecodingLimits, finished) -> bool:
+    """Whether the caller stops decoding, told every newly finished (index, tokens) response."""
+    if limits.give_up is None:
+        return False
+    return any([limits.give_up(index, tokens) for index, tokens in finished])  # a list: each is told
 
 
 def least_advanced(running: list[_Sequence], count: int) -> list[_Sequence]:

@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from apostate.decoding.batching import batches
+from apostate.decoding.batching import PassObserver, batches
 from apostate.directions.refusal import winsorize
 from apostate.progress import track
 
@@ -31,16 +32,20 @@ def residual_means(
     winsorization_quantile: float,
     label: str,
     keep_on="cpu",
+    observer: PassObserver | None = None,
 ) -> ResidualMeans:
     """(layers + 1, hidden) float32 means of the hidden states at the last prompt token.
 
     Accumulates running sums batch by batch (all prompts, and the even-numbered ones), so
-    memory stays at one batch of hidden states however many prompts there are.
+    memory stays at one batch of hidden states however many prompts there are. `observer`
+    watches the same forward passes (a method recording what it fits to: one pass, not two).
     """
     total: Tensor | None = None
     even: Tensor | None = None
-    with track(label, total=len(texts)) as advance:
+    with observer or nullcontext(), track(label, total=len(texts)) as advance:
         for indices, inputs in batches(tokenizer, texts, batch_size, device):
+            if observer is not None:
+                observer.batch(indices, inputs)
             states = _last_token_states(model, inputs, winsorization_quantile, keep_on)
             batch_sum = states.sum(dim=0)
             total = batch_sum if total is None else total + batch_sum

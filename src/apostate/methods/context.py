@@ -3,7 +3,7 @@ for an edit that must not be scored."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pydantic import BaseModel
 from torch import Tensor
@@ -27,6 +27,9 @@ class RunInputs:
     batch_size: int
     settings: BaseModel  # the method's own settings table
     keep_activations_on: object  # "cpu", or the model's device (settings.activations_on)
+    # what the method's observers recorded during the start-up's residual pass (Method.pass_observers),
+    # per side; empty where that pass did not run here (measurements reused)
+    recorded: dict = field(default_factory=dict)
 
 
 @dataclass

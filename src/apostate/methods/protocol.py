@@ -9,8 +9,10 @@ from typing import Protocol
 import optuna
 from pydantic import BaseModel
 
+from apostate.decoding.batching import PassObserver
 from apostate.methods import METHODS
 from apostate.methods.context import MethodContext, RunInputs
+from apostate.model.adapter import Adapter
 from apostate.model.architecture import WriterEdit
 
 
@@ -24,6 +26,11 @@ class Method(Protocol):
     @staticmethod
     def adapter_rank(settings: BaseModel) -> int:
         """Rank of the LoRA slots the method writes into, given its settings table."""
+
+    @staticmethod
+    def pass_observers(adapter: Adapter, settings: BaseModel, keep_on) -> dict[str, PassObserver]:
+        """Per side ("harmless", "harmful"), what the start-up's residual pass over the direction
+        prompts should carry for `prepare` (RunInputs.recorded); {} for nothing."""
 
     @staticmethod
     def prepare(inputs: RunInputs) -> object:

@@ -149,8 +149,25 @@ class Scorer:
             responses = self.harmless.greedy_responses(model, self.max_new_tokens, self.judge.decided, advance=advance)
         return [self.judge.refuses(response) for response in responses]
 
-    def count(self, model, edited_layers: set[int] | None = None) -> VerdictCounts:
-        return VerdictCounts.of(self.verdicts(model, edited_layers=edited_layers))
+    def count(self, model, edited_layers: set[int] | None = None, enough_failures: int | None = None) -> VerdictCounts:
+        """The verdicts' counts over the harmful prompts. With `enough_failures`, generation stops
+        once that many responses have failed (refused or broken: the verdict of a finished response
+        is final): the counts are then those of the responses finished by then, total below
+        `harmful_count` (the full count could only be higher)."""
+        if enough_failures is None:
+            return VerdictCounts.of(self.verdicts(model, edited_layers=edited_layers))
+        failed = []
+
+        def give_up(index: int, tokens: list[int]) -> bool:
+            text = self.harmful.tokenizer.decode(tokens, skip_special_tokens=True)
+            failed.append(self.judge.verdict(self.harmful_prompts[index], text) != Verdict.COMPLIANCE)
+            return sum(failed) >= enough_failures
+
+        responses = self.responses(model, edited_layers=edited_layers, give_up=give_up)
+        finished = [
+            (prompt, text) for prompt, text in zip(self.harmful_prompts, responses, strict=True) if text is not None
+        ]
+        return VerdictCounts.of(self.judge.verdict(prompt, text) for prompt, text in finished)
 
     def verdicts(self, model, early_stop: bool = True, edited_layers: set[int] | None = None) -> list[Verdict]:
         """The marker judge's verdict on each harmful prompt's response."""
@@ -163,10 +180,11 @@ class Scorer:
         early_stop: bool = True,
         edited_layers: set[int] | None = None,
         max_new_tokens: int | None = None,
-    ) -> list[str]:
+        give_up=None,
+    ) -> list[str | None]:
         """The greedy responses to the harmful prompts, `max_new_tokens` long (default: the search's
         length); with `early_stop`, each stops at its first refusal marker (the marker verdict is
-        decided there), so those are cut short."""
+        decided there), so those are cut short. `give_up`: see PromptSet.greedy_responses."""
         with track(f"{self.label}: refusals", self.harmful_count) as advance:
             return self.harmful.greedy_responses(
                 model,
@@ -174,6 +192,7 @@ class Scorer:
                 stop_when=self.judge.decided if early_stop else None,
                 edited_layers=edited_layers,
                 advance=advance,
+                give_up=give_up,
             )
 
     def score(self, model) -> Scores:

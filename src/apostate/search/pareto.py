@@ -43,6 +43,13 @@ def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return sorted(front, key=lambda t: (failures(t), TrialRecord.of(t).kl))
 
 
+def fewest_failures_at(study: optuna.Study, kl: float) -> optuna.trial.FrozenTrial | None:
+    """The scored trial with the fewest failures among those with KL <= `kl` (lowest KL among
+    equals); None if there is none. A trial at `kl` with more failures is beaten on both counts."""
+    scored = [t for t in completed(study) if TrialRecord.of(t).kl <= kl]
+    return min(scored, key=lambda t: (failures(t), TrialRecord.of(t).kl), default=None)
+
+
 def judged_counts(study: optuna.Study, number: int | str) -> dict | None:
     """The judge's counts for a trial number (or 'base'), if the front was re-scored."""
     return study.user_attrs.get(f"judged_{number}")

@@ -17,6 +17,7 @@ class TrialRecord:
     total: int | None = None  # harmful evaluation prompts counted
     seconds: dict = field(default_factory=dict)  # time per phase of the trial, "total" among them
     infeasible: str | None = None  # why the trial was pruned without counting refusals
+    dominated: str | None = None  # why counting stopped early: a scored trial beats it (counts: of those finished)
     capability: float | None = None  # accuracy on the capability floor's items (where the run has a floor)
     worker: str | None = None  # which worker of a shared study ran it
     surplus: bool = False  # failed unrun: the study had all its trials started already

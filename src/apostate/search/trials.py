@@ -19,6 +19,7 @@ from apostate.methods.protocol import Method
 from apostate.monitor import trim_free_memory
 from apostate.progress import console, track
 from apostate.scoring.scorer import Scorer, scores_line
+from apostate.search.pareto import failures, fewest_failures_at
 from apostate.search.study import FINISHED, finished
 from apostate.search.trial_record import TrialRecord
 
@@ -35,6 +36,11 @@ class TrialRunner:
     pruned: the sampler learns the region is infeasible, the Pareto front never shows it, and no
     made-up objective value is reported. Its refusals are not counted (that is the expensive
     part, and the model is unusable anyway).
+
+    With `stop_dominated`, counting stops as soon as the trial has more failures than a scored
+    trial with no higher KL: it can never be on the front (so never picked), and the rest of its
+    responses would only say by how much it lost. It is pruned, feasible, with the counts of the
+    responses finished by then (`dominated` says why).
     """
 
     method: Method
@@ -42,6 +48,7 @@ class TrialRunner:
     model: nn.Module
     kl_cutoff: float
     floor: CapabilityFloor | None = None
+    stop_dominated: bool = False
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         timings = {}
@@ -67,12 +74,27 @@ class TrialRunner:
         if self.floor is not None:
             self._check_floor(trial, timings, start, edited)
         mark = time.perf_counter()
-        counts = self.scorer.count(self.model, edited)
+        best = fewest_failures_at(trial.study, kl) if self.stop_dominated else None
+        if best is None:
+            counts = self.scorer.count(self.model, edited)
+        else:
+            counts = self.scorer.count(self.model, edited, enough_failures=failures(best) + 1)
         timings["refusals"] = time.perf_counter() - mark
         trim_free_memory()
         timings["total"] = time.perf_counter() - start
         TrialRecord.write(trial, refusals=counts.refusals, broken=counts.broken, total=counts.total, seconds=timings)
+        if counts.total < self.scorer.harmful_count:
+            self._dominated(trial, counts.failures, counts.total, best)
         return counts.failures / counts.total, kl
+
+    def _dominated(self, trial: optuna.Trial, failed: int, finished: int, best: optuna.trial.FrozenTrial) -> None:
+        record = TrialRecord.of(best)
+        reason = (
+            f"{failed} failures in its first {finished} of {self.scorer.harmful_count} responses, more than "
+            f"trial {best.number}'s {record.failures} at KL {record.kl:.4f}"
+        )
+        TrialRecord.write(trial, dominated=reason)
+        raise optuna.TrialPruned(reason)  # feasible: its constraints were set before counting
 
     def _check_floor(self, trial: optuna.Trial, timings: dict, start: float, edited: set[int] | None) -> None:
         mark = time.perf_counter()
@@ -174,6 +196,12 @@ def run_trials(
 
 def _print_trial(trial: optuna.trial.FrozenTrial) -> None:
     record = TrialRecord.of(trial)
+    if trial.state == TrialState.PRUNED and record.dominated:
+        seconds = f"[dim]{record.seconds['total']:.1f} s[/]"
+        console.print(
+            f"  Trial {trial.number:>3}: [dim]beaten, stopped early[/] ({record.dominated}, KL {record.kl:.4f})  {seconds}"
+        )
+        return
     if trial.state == TrialState.PRUNED:
         console.print(f"  Trial {trial.number:>3}: [yellow]infeasible[/] ({record.infeasible})")
         return

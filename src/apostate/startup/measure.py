@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from apostate.decoding import CpuKernels
+from apostate.decoding.batching import PassObserver
 from apostate.directions.refusal import direction_agreement, refusal_directions
 from apostate.directions.residuals import residual_means
 from apostate.nested import agrees_on
@@ -62,8 +63,10 @@ def prepare(
     prompts: PromptSplits,
     run_dir: Path,
     key: dict,
+    observers: dict[str, PassObserver] | None = None,
 ) -> Startup:
-    """Measure (or reload from the run folder) what the trials need."""
+    """Measure (or reload from the run folder) what the trials need; `observers` (per side) watch
+    the residual pass over the direction prompts, where it runs."""
     cache = run_dir / CACHE_FILE
     stored = read_startup(cache, key)
     if stored is not None:
@@ -78,7 +81,7 @@ def prepare(
         prefix, sample = measure_response_prefix(model, tokenizer, device, kernels, settings, prompts, batch_size)
     texts = Texts(tokenizer, settings, prompts, prefix)
     with _timed(seconds, "residuals"):
-        directions, agreement = measure_directions(model, tokenizer, device, settings, texts, batch_size)
+        directions, agreement = measure_directions(model, tokenizer, device, settings, texts, batch_size, observers)
     with _timed(seconds, "base_scores"):
         console.print("Scoring the base model...")
         scorer = build_scorer(tokenizer, device, kernels, scoring_options(settings), batch_size, texts)
@@ -176,16 +179,25 @@ def measure_response_prefix(
 
 
 def measure_directions(
-    model, tokenizer, device, settings: Settings, texts: Texts, batch_size: int
+    model, tokenizer, device, settings: Settings, texts: Texts, batch_size: int, observers: dict | None = None
 ) -> tuple[Tensor, list[float]]:
     """Refusal directions from the direction prompts (the run's residual means; see directions/),
-    and per decoder layer how well the two halves of the prompts agree on them."""
+    and per decoder layer how well the two halves of the prompts agree on them. `observers[side]`
+    watches that side's pass."""
     console.print("Computing refusal directions...")
     keep_on = "cpu" if settings.activations_on == "cpu" else device
     quantile = settings.winsorization_quantile
     means = {
         side: residual_means(
-            model, tokenizer, texts.of(side, "direction"), batch_size, device, quantile, f"residuals ({side})", keep_on
+            model,
+            tokenizer,
+            texts.of(side, "direction"),
+            batch_size,
+            device,
+            quantile,
+            f"residuals ({side})",
+            keep_on,
+            (observers or {}).get(side),
         )
         for side in ("harmless", "harmful")
     }

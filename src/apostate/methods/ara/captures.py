@@ -49,6 +49,66 @@ def capture_slots(adapter: Adapter) -> tuple[list[int], list[int], list[str]]:
     return linear, experts, skipped
 
 
+class WriterInputRecorder:
+    """Records what the residual writers at `slot_indices` read at the last `positions` prompt
+    positions, over one pass of batches that another stage may run (the refusal directions'
+    residual pass reads the same prompts in the same batches: one pass serves both).
+
+    Used as a context manager around the pass (forward hooks on the writers), told each batch
+    before its forward (`batch`). `captured` gives, per (slot, expert), the rows in prompt order
+    (a prompt's positions together, first to last), on `keep_on`: a Linear writer has `positions`
+    rows for every text; an expert only for the (text, position) tokens routed to it. Rows keep
+    the dtype the model computed them in (a wider one would hold no more information);
+    build_captures widens one module at a time.
+    """
+
+    def __init__(self, adapter: Adapter, slot_indices: list[int], keep_on="cpu", positions: int = 1):
+        self.adapter = adapter
+        self.slot_indices = slot_indices
+        self.keep_on = keep_on
+        self.positions = positions
+        self.linear_rows: dict[int, list[Tensor]] = {}
+        self.recorders: dict[int, ExpertRecorder] = {}
+        self.order: list[int] = []  # prompt indices, in the order the batches ran them
+        self._handles: list = []
+
+    def __enter__(self) -> WriterInputRecorder:
+        for index in self.slot_indices:
+            slot = self.adapter.slots[index]
+            if slot.stacked:
+                self.recorders[index] = ExpertRecorder(slot.module.get_base_layer(), self.keep_on, self.positions)
+                self._handles.append(self.recorders[index].module.register_forward_hook(self.recorders[index]))
+            else:
+                self.linear_rows[index] = []
+                hook = _linear_hook(self.linear_rows[index], self.keep_on, self.positions)
+                self._handles.append(slot.module.get_base_layer().register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def batch(self, indices: list[int], inputs: dict) -> None:
+        """The next forward runs these prompts (indices into the pass's texts)."""
+        for recorder in self.recorders.values():
+            recorder.batch = (indices, *inputs["input_ids"].shape)
+        self.order.extend(indices)
+
+    def saw(self, count: int) -> bool:
+        """Whether a whole pass over `count` texts was recorded (once each)."""
+        return sorted(self.order) == list(range(count))
+
+    def captured(self) -> dict[CaptureKey, Tensor]:
+        inverse = torch.argsort(torch.tensor(self.order))  # back to the order of the texts
+        rows = self.linear_rows.items()
+        captured = {(index, 0): _in_order(torch.cat(batches), inverse, self.positions) for index, batches in rows}
+        for index, recorder in self.recorders.items():
+            for expert, expert_rows in recorder.per_expert().items():
+                captured[(index, expert)] = expert_rows
+        return captured
+
+
 @torch.inference_mode()
 def capture_writer_inputs(
     model,
@@ -62,44 +122,15 @@ def capture_writer_inputs(
     keep_on="cpu",
     positions: int = 1,
 ) -> dict[CaptureKey, Tensor]:
-    """Per (slot, expert), the inputs at the last `positions` prompt positions, in prompt order
-    (a prompt's positions together, first to last), on `keep_on`.
-
-    A Linear writer has `positions` rows for every text; an expert only for the (text, position)
-    tokens routed to it.
-    Rows keep the dtype the model computed them in (a wider one would hold no more
-    information); build_captures widens one module at a time.
-    """
-    linear_rows: dict[int, list[Tensor]] = {}
-    recorders: dict[int, ExpertRecorder] = {}
-    handles = []
-    for index in slot_indices:
-        slot = adapter.slots[index]
-        if slot.stacked:
-            recorders[index] = ExpertRecorder(slot.module.get_base_layer(), keep_on, positions)
-            handles.append(recorders[index].module.register_forward_hook(recorders[index]))
-        else:
-            linear_rows[index] = []
-            hook = _linear_hook(linear_rows[index], keep_on, positions)
-            handles.append(slot.module.get_base_layer().register_forward_hook(hook))
-    order: list[int] = []
-    try:
+    """Per (slot, expert), the inputs at the last `positions` prompt positions (WriterInputRecorder),
+    from a pass of its own over `texts`."""
+    with WriterInputRecorder(adapter, slot_indices, keep_on, positions) as recorder:
         with track(label, len(texts)) as advance:
             for indices, inputs in batches(tokenizer, texts, batch_size, device):
-                for recorder in recorders.values():
-                    recorder.batch = (indices, *inputs["input_ids"].shape)
+                recorder.batch(indices, inputs)
                 model(**inputs, use_cache=False, logits_to_keep=1)
-                order.extend(indices)
                 advance(len(indices))
-    finally:
-        for handle in handles:
-            handle.remove()
-    inverse = torch.argsort(torch.tensor(order))  # back to the order of `texts`
-    captured = {(index, 0): _in_order(torch.cat(rows), inverse, positions) for index, rows in linear_rows.items()}
-    for index, recorder in recorders.items():
-        for expert, rows in recorder.per_expert().items():
-            captured[(index, expert)] = rows
-    return captured
+    return recorder.captured()
 
 
 def _linear_hook(rows: list[Tensor], keep_on, positions: int):
@@ -148,28 +179,44 @@ def input_basis(inputs: Tensor, max_rank: int) -> Tensor:
     return right[:keep].float()
 
 
+SIDES = ("harmless", "harmful")
+
+
+def direction_pass_recorders(adapter: Adapter, positions: int, keep_on="cpu") -> dict[str, WriterInputRecorder]:
+    """A recorder per side, for the start-up's residual pass over the direction prompts to carry."""
+    linear, experts, _ = capture_slots(adapter)
+    return {side: WriterInputRecorder(adapter, linear + experts, keep_on, positions) for side in SIDES}
+
+
 def capture_for_fitting(inputs: RunInputs, method_name: str) -> dict[CaptureKey, ModuleCapture]:
-    """Module inputs and outputs on the direction prompts, for methods fitted to them (ARA)."""
+    """Module inputs and outputs on the direction prompts, for methods fitted to them (ARA): what
+    the residual pass recorded (`inputs.recorded`, where it ran here), else from a pass of their own."""
     adapter = inputs.adapter
     linear, experts, skipped = capture_slots(adapter)
     for entry in skipped:
         console.print(f"[yellow]* not edited by {method_name}, experts of an unknown form:[/] {entry}")
-    console.print("Capturing module inputs and outputs...")
-    captured = {
-        side: capture_writer_inputs(
+    recorded = inputs.recorded or {}
+    captured = {}
+    for side in SIDES:
+        texts = inputs.texts.of(side, "direction")
+        recorder = recorded.get(side)
+        if recorder is not None and recorder.saw(len(texts)):
+            captured[side] = recorder.captured()
+            continue
+        if side == SIDES[0]:
+            console.print("Capturing module inputs and outputs...")
+        captured[side] = capture_writer_inputs(
             adapter.model,
             inputs.tokenizer,
             adapter,
             linear + experts,
-            inputs.texts.of(side, "direction"),
+            texts,
             inputs.batch_size,
             inputs.device,
             f"capturing ({side})",
             keep_on=inputs.keep_activations_on,
             positions=inputs.settings.fit_positions,
         )
-        for side in ("harmless", "harmful")
-    }
     return build_captures(adapter, captured["harmless"], captured["harmful"], inputs.settings.basis_rank)
 
 

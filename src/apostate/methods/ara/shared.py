@@ -10,7 +10,13 @@ import torch
 from torch import Tensor
 
 from apostate.methods.adapter_edits import AdapterEdits
-from apostate.methods.ara.captures import ModuleCapture, capture_for_fitting, capture_summary
+from apostate.methods.ara.captures import (
+    ModuleCapture,
+    WriterInputRecorder,
+    capture_for_fitting,
+    capture_summary,
+    direction_pass_recorders,
+)
 from apostate.methods.ara.objective import Objective, ObjectiveWeights
 from apostate.methods.ara.settings import AraSettings
 from apostate.methods.context import BrokenEdit, MethodContext, RunInputs
@@ -62,6 +68,11 @@ class AraMethodBase(AdapterEdits):
         self.settings: AraSettings = context.settings
         self.n_layers = context.n_layers
         self.captures: dict[tuple[int, int], ModuleCapture] = context.prepared  # (slot, expert) -> capture
+
+    @staticmethod
+    def pass_observers(adapter, settings: AraSettings, keep_on) -> dict[str, WriterInputRecorder]:
+        """Recorders of the writers' inputs: the residual pass reads the same prompts ARA fits to."""
+        return direction_pass_recorders(adapter, settings.fit_positions, keep_on)
 
     @classmethod
     def prepare(cls, inputs: RunInputs) -> dict[tuple[int, int], ModuleCapture]:

@@ -119,6 +119,10 @@ class DirectionalMethod(AdapterEdits):
         return settings.full_normalization_rank if settings.row_normalization == "full" else 1
 
     @staticmethod
+    def pass_observers(adapter, settings, keep_on) -> dict:
+        return {}
+
+    @staticmethod
     def prepare(inputs) -> None:
         return None
 
