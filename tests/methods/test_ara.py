@@ -378,7 +378,18 @@ def test_a_run_fits_ara_to_what_its_residual_pass_recorded_and_a_resumed_run_cap
     plain = captures.capture_writer_inputs
     monkeypatch.setattr(captures, "capture_writer_inputs", lambda *a, **k: passes.append(a[7]) or plain(*a, **k))
     folder = tiny_model_folder(tmp_path / "tiny")
-    flags = [*SMALL, "--method", "ara-lora", "--ara.lbfgs-steps", "3", "--kl-cutoff", "100", "--headless", "--actions", "[]"]
+    flags = [
+        *SMALL,
+        "--method",
+        "ara-lora",
+        "--ara.lbfgs-steps",
+        "3",
+        "--kl-cutoff",
+        "100",
+        "--headless",
+        "--actions",
+        "[]",
+    ]
     assert main([str(folder), "--run-dir", str(tmp_path / "run"), *flags, "--n-trials", "2"]) == 0
     assert passes == []
     assert main([str(folder), "--run-dir", str(tmp_path / "run"), *flags, "--n-trials", "3"]) == 0
