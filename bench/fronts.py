@@ -42,7 +42,11 @@ def report(run_dir: Path) -> None:
     base = study.user_attrs.get("base_refusals")
     total = scored[0].user_attrs["total"] if scored else 0
     print(f"== {run_dir}  ({study.user_attrs.get('fingerprint', {}).get('method', '?')})")
-    print(f"   trials: {len(trials)} ({len(trials) - len(scored)} infeasible); base refuses {base}/{total}")
+    beaten = sum("dominated" in t.user_attrs for t in trials)
+    infeasible = len(trials) - len(scored) - beaten
+    print(
+        f"   trials: {len(trials)} ({infeasible} infeasible, {beaten} stopped once beaten); base refuses {base}/{total}"
+    )
     if seconds:
         for phase in ("edit", "kl", "refusals", "total"):
             values = [s[phase] for s in seconds if phase in s]

@@ -251,14 +251,15 @@ def read_results(journal: Path | None, started: datetime, kl_key: str, total_key
     points = sorted(
         (t.user_attrs["refusals"], t.user_attrs[kl_key])
         for t in done
-        if "refusals" in t.user_attrs and kl_key in t.user_attrs
-    )
+        if "refusals" in t.user_attrs and kl_key in t.user_attrs and "dominated" not in t.user_attrs
+    )  # a trial that stopped counting once beaten (apostate's stop_dominated_trials) has partial counts
     front, best_kl = [], float("inf")
     for refusals, kl in points:
         if kl < best_kl:
             front.append((refusals, kl))
             best_kl = kl
-    attr = lambda key: next((t.user_attrs[key] for t in done if key in t.user_attrs), None)  # noqa: E731
+    counted = [t for t in done if "dominated" not in t.user_attrs]
+    attr = lambda key: next((t.user_attrs[key] for t in counted if key in t.user_attrs), None)  # noqa: E731
     seconds = [(t.datetime_complete - t.datetime_start).total_seconds() for t in done]
     return {
         "trials": len(done),

@@ -237,7 +237,7 @@ def test_a_trial_beaten_on_both_counts_stops_counting_and_is_never_on_the_front(
     assert [s.asked for s in scorers] == [[None], [4], [4], [None]]
     assert beaten.state == optuna.trial.TrialState.PRUNED and beaten.values is None
     assert beaten.constraints["kl_cutoff"] < 0  # feasible: beaten, not out of bounds
-    assert "trial 0's 3" in beaten.user_attrs["dominated"] and beaten.user_attrs["total"] == 5
+    assert "trial 0 has 3" in beaten.user_attrs["dominated"] and beaten.user_attrs["total"] == 5
     assert "infeasible" not in beaten.user_attrs
 
 

@@ -48,6 +48,14 @@ def test_a_finished_run_leaves_a_self_contained_report(finished):
     assert "held-out" in html and "Base model" in html
 
 
+def test_the_phase_table_times_each_action_of_the_chosen_trial(finished):
+    """Evaluation first, then the save: each its own phase, after the report's samples."""
+    run_dir, _ = finished
+    names = [phase["name"] for phase in json.loads((run_dir / "phases.json").read_text())["phases"]]
+    acting = [name for name in names if name.startswith("chosen trial")]
+    assert acting == ["chosen trial: report samples", "chosen trial: evaluate", "chosen trial: save"]
+
+
 def test_the_report_is_rebuilt_from_the_run_folder_without_loading_a_model(finished, tmp_path, monkeypatch):
     run_dir, _ = finished
     copy = tmp_path / "run"

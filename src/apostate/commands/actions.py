@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import NamedTuple
 
@@ -51,17 +52,22 @@ def _judged_failures(study, trial) -> int:
     return VerdictCounts.from_dict(counts).failures if counts else failures(trial)
 
 
-def act(session: Session) -> None:
+def act(session: Session, phase: Callable[[str], AbstractContextManager] = lambda name: nullcontext()) -> None:
+    """Headless: pick a trial and run the actions, each in a `phase` of its own (time and memory
+    per action in the run's phase table); else the menu."""
     if session.settings.headless:
         trial = pick_trial(session)
         if session.judge is not None:
             judge_front(session, extra=[trial])
         _announce(session.study, trial)
-        record_chosen(session, trial)  # leaves the model in the trial's state
+        with phase("chosen trial: report samples"):
+            record_chosen(session, trial)  # leaves the model in the trial's state
         for action in sorted(session.settings.actions, key=_action_order):
-            perform(session, trial, action)
+            with phase(f"chosen trial: {action}"):
+                perform(session, trial, action)
         return
-    _interactive(session)
+    with phase("chosen trial: interactive"):
+        _interactive(session)
 
 
 def _action_order(action: str) -> int:

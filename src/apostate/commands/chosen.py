@@ -56,8 +56,9 @@ def response_pairs(session: Session, trial) -> list[dict]:
             session.method.reset()
         else:
             session.restore(trial)
-        for side, (_, templated) in chosen.items():
-            responses[state, side] = _generate(session, templated)
+        harmless, harmful = chosen["harmless"][1], chosen["harmful"][1]
+        both = _generate(session, harmless + harmful)  # one batch: half the decoding passes of two
+        responses[state, "harmless"], responses[state, "harmful"] = both[: len(harmless)], both[len(harmless) :]
     return [
         {"side": side, "prompt": prompt, "base": base, "edited": edited}
         for side, (plain, _) in chosen.items()

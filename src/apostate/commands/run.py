@@ -107,10 +107,9 @@ def _search_and_act(session: Session, monitor: PhaseMonitor) -> int:
             judge_front(session)
     show_results(session)
     if done:
-        chosen = ", ".join(settings.actions or ["none"]) if settings.headless else "interactive"
         # Workers sharing this run folder act one after another (a finished export is not redone).
-        with monitor.phase(f"chosen trial: {chosen}"), session.home.acting():
-            act(session)
+        with session.home.acting():
+            act(session, monitor.phase)
         _save_front(session)  # with the held-out scores an evaluation added
     _report_phases(session, monitor)
     write_report(session.run_dir, session.study)

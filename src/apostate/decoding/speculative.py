@@ -106,15 +106,19 @@ def speculative_greedy(
             if not sequence.done:
                 decoder.keep(row, sequence, 1 + accepted)  # the last token and the accepted draft; not rejected ones
         finished = [s for s in chosen if s.done]
-        if finished:
-            results.update({s.index: s.known for s in finished})
-            stats.generated += sum(len(s.known) for s in finished)
-            if advance:
-                advance(len(finished))
-            running = [s for s in running if not s.done]
-            if _gives_up(limits, [(s.index, s.known) for s in finished]):
-                break
+        running = [s for s in running if not s.done]
+        if finished and _keep_finished(finished, results, stats, advance, limits):
+            break
     return results
+
+
+def _keep_finished(finished: list[_Sequence], results: dict, stats: DraftStats, advance, limits) -> bool:
+    """Keep the finished sequences' responses; whether the caller gives up now (limits.give_up)."""
+    results.update({s.index: s.known for s in finished})
+    stats.generated += sum(len(s.known) for s in finished)
+    if advance:
+        advance(len(finished))
+    return _gives_up(limits, [(s.index, s.known) for s in finished])
 
 
 def _gives_up(limits: DecodingLimits, finished) -> bool:

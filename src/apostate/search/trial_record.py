@@ -14,7 +14,7 @@ class TrialRecord:
     kl: float | None = None  # first-token KL divergence from the base model (None: the edit broke first)
     refusals: int | None = None  # marker refusals on the harmful evaluation prompts (None: infeasible)
     broken: int = 0  # broken responses among them
-    total: int | None = None  # harmful evaluation prompts counted
+    total: int | None = None  # harmful evaluation prompts counted (fewer where counting stopped: `dominated`)
     seconds: dict = field(default_factory=dict)  # time per phase of the trial, "total" among them
     infeasible: str | None = None  # why the trial was pruned without counting refusals
     dominated: str | None = None  # why counting stopped early: a scored trial beats it (counts: of those finished)

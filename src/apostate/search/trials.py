@@ -90,8 +90,8 @@ class TrialRunner:
     def _dominated(self, trial: optuna.Trial, failed: int, finished: int, best: optuna.trial.FrozenTrial) -> None:
         record = TrialRecord.of(best)
         reason = (
-            f"{failed} failures in its first {finished} of {self.scorer.harmful_count} responses, more than "
-            f"trial {best.number}'s {record.failures} at KL {record.kl:.4f}"
+            f"{failed} failures in its first {finished} of {self.scorer.harmful_count} responses; "
+            f"trial {best.number} has {record.failures} at KL {record.kl:.4f}"
         )
         TrialRecord.write(trial, dominated=reason)
         raise optuna.TrialPruned(reason)  # feasible: its constraints were set before counting
@@ -198,9 +198,7 @@ def _print_trial(trial: optuna.trial.FrozenTrial) -> None:
     record = TrialRecord.of(trial)
     if trial.state == TrialState.PRUNED and record.dominated:
         seconds = f"[dim]{record.seconds['total']:.1f} s[/]"
-        console.print(
-            f"  Trial {trial.number:>3}: [dim]beaten, stopped early[/] ({record.dominated}, KL {record.kl:.4f})  {seconds}"
-        )
+        console.print(f"  Trial {trial.number:>3}: KL {record.kl:.4f}, [dim]beaten: {record.dominated}[/]  {seconds}")
         return
     if trial.state == TrialState.PRUNED:
         console.print(f"  Trial {trial.number:>3}: [yellow]infeasible[/] ({record.infeasible})")
