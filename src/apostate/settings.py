@@ -163,7 +163,8 @@ class Settings(BaseSettings):
         default=256,
         ge=1,
         description="Tokens of each full-length answer read after the search: the held-out evaluation and the "
-        "judge's re-scoring (the search's own check stops at max_response_tokens or the first refusal marker).",
+        "judge's re-scoring (the search's own check stops at max_response_tokens or the first refusal marker; with no "
+        "judge, the evaluation too stops an answer at its first marker, where its verdict is decided).",
     )
     evaluation_kl_tokens: int = Field(
         default=32,

@@ -62,7 +62,9 @@ def measure_heldout(scorer: Scorer, model, judge, tokens: int, base: bool = Fals
     else:
         kl, first_token_kl = scorer.kl(model), scorer.first_token_kl(model)
     short = scorer.count(model)
-    responses = scorer.responses(model, early_stop=False, max_new_tokens=tokens)
+    # With no judge to read them, the answers' verdicts are the markers', decided at the first marker:
+    # a refusal stops there (the same verdict as read to full length, less generation).
+    responses = scorer.responses(model, early_stop=judge is None, max_new_tokens=tokens)
     marker_verdicts = scorer.judge.verdicts(scorer.harmful_prompts, responses)
     judged = judge.verdicts(scorer.harmful_prompts, responses) if judge is not None else None
     refused = scorer.harmless_refusals(model)
