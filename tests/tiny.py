@@ -97,3 +97,22 @@ def decisive_chat_model(prompts: list[str], layers: int = 4, seed: int = 4):
         for p in prompts
     ]
     return model, tokenizer, texts
+
+
+def some_refusing(prompts: list[str]):
+    """A decisive tiny model on `prompts`, refusal markers that some (not all) of its greedy answers
+    hold, and a marker scorer factory over them: (model, tokenizer, texts, markers, make_scorer)."""
+    from apostate.decoding import PromptSet
+    from apostate.scoring.judges.markers import MarkerJudge
+    from apostate.scoring.scorer import Scorer
+
+    model, tokenizer, texts = decisive_chat_model(prompts)
+    plain = PromptSet(tokenizer, texts, 4, "cpu").greedy_responses(model, 8)
+    markers = sorted({response.split()[0] for response in plain if response.split()})[:2]
+
+    def make_scorer(label: str = "evaluation") -> Scorer:
+        harmless = PromptSet(tokenizer, texts, 4, "cpu")
+        harmful = PromptSet(tokenizer, texts, 4, "cpu", reuse_responses=True, nearness=harmless)
+        return Scorer(harmless, harmful, prompts, MarkerJudge(markers), 8, label)
+
+    return model, tokenizer, texts, markers, make_scorer

@@ -2,29 +2,21 @@
 
 from types import SimpleNamespace
 
-from tiny import decisive_chat_model
+from tiny import some_refusing
 
 from apostate.commands.evaluate import measure_heldout
 from apostate.decoding import PromptSet
 from apostate.scoring.judges.markers import MarkerJudge
-from apostate.scoring.scorer import Scorer, ScoringOptions, build_scorer
+from apostate.scoring.scorer import ScoringOptions, build_scorer
 from apostate.scoring.verdicts import Verdict, VerdictCounts
 
 PROMPTS = [f"question number {n} about {topic}" for n, topic in enumerate(["rivers", "salt", "owls"] * 4)]
 
 
 def test_with_no_judge_an_answer_stops_at_its_first_marker_and_every_verdict_is_the_full_length_one():
-    model, tokenizer, texts = decisive_chat_model(PROMPTS)
-    plain = PromptSet(tokenizer, texts, 4, "cpu").greedy_responses(model, 8)
-    markers = sorted({response.split()[0] for response in plain if response.split()})[:2]  # some answers "refuse"
-
-    def scorer():
-        harmless = PromptSet(tokenizer, texts, 4, "cpu")
-        harmful = PromptSet(tokenizer, texts, 4, "cpu", reuse_responses=True, nearness=harmless)
-        return Scorer(harmless, harmful, PROMPTS, MarkerJudge(markers), 8, "heldout")
-
-    measured = measure_heldout(scorer(), model, None, 24, base=True)
-    whole = scorer().responses(model, early_stop=False, max_new_tokens=24)
+    model, _, _, markers, scorer = some_refusing(PROMPTS)
+    measured = measure_heldout(scorer("heldout"), model, None, 24, base=True)
+    whole = scorer("heldout").responses(model, early_stop=False, max_new_tokens=24)
     assert measured.full == VerdictCounts.of(MarkerJudge(markers).verdicts(PROMPTS, whole))
     refused = [i for i, verdict in enumerate(measured.verdicts) if verdict == Verdict.REFUSAL]
     assert 0 < len(refused) < len(PROMPTS)
@@ -39,9 +31,8 @@ def test_with_no_judge_an_answer_stops_at_its_first_marker_and_every_verdict_is_
 def test_over_refusals_are_drafted_from_the_base_answers_the_kl_measured_and_stay_the_greedy_ones():
     """The held-out scorer's harmless set keeps the base model's answers (generated for the k-token
     KL): the over-refusal check then confirms them in about a pass per batch, not a pass per token."""
-    model, tokenizer, texts = decisive_chat_model(PROMPTS)
+    model, tokenizer, texts, markers, _ = some_refusing(PROMPTS)
     plain = PromptSet(tokenizer, texts, 4, "cpu").greedy_responses(model, 8)
-    markers = sorted({response.split()[0] for response in plain if response.split()})[:2]
     splits = SimpleNamespace(
         of=lambda side, subset: texts, prompts=SimpleNamespace(harmful=SimpleNamespace(heldout=PROMPTS))
     )

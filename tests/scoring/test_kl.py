@@ -3,7 +3,7 @@ is the first-token KL."""
 
 import pytest
 import torch
-from tiny import decisive_chat_model
+from tiny import decisive_chat_model, some_refusing
 
 from apostate.decoding import PromptSet
 from apostate.scoring.judges.markers import MarkerJudge
@@ -65,15 +65,7 @@ def test_counting_stops_once_enough_responses_failed_and_never_undercounts_those
     """Scorer.count(enough_failures=n): at least n failures among the responses it finished, each
     with the verdict full counting gives it; with n above the full count, the full count."""
     prompts = [f"question number {n} about {topic}" for n, topic in enumerate(["rivers", "salt", "owls"] * 4)]
-    model, tokenizer, texts = decisive_chat_model(prompts)
-    plain = PromptSet(tokenizer, texts, 4, "cpu").greedy_responses(model, 8)
-    markers = sorted({response.split()[0] for response in plain if response.split()})[:2]  # some responses "refuse"
-
-    def scorer():
-        harmless = PromptSet(tokenizer, texts, 4, "cpu")
-        harmful = PromptSet(tokenizer, texts, 4, "cpu", reuse_responses=True, nearness=harmless)
-        return Scorer(harmless, harmful, prompts, MarkerJudge(markers), 8, "evaluation")
-
+    model, _, _, _, scorer = some_refusing(prompts)
     full = scorer().count(model)
     assert 2 <= full.failures < full.total == len(prompts)
     stopped = scorer().count(model, enough_failures=2)
