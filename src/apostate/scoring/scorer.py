@@ -240,8 +240,7 @@ def build_scorer(
     """The scorer of one subset of the prompts ('evaluation' during the search, 'heldout' after it)."""
     # Harmless answers are generated for the base model (k-token KL) and then for over-refusals:
     # the base's answers draft the later ones (a nearby model's answers to harmless prompts match).
-    harmless_texts = texts.of("harmless", subset)
-    harmless = PromptSet(tokenizer, harmless_texts, batch_size, device, kernels, options.reuse_responses)
+    harmless = PromptSet(tokenizer, texts.of("harmless", subset), batch_size, device, kernels, options.reuse_responses)
     harmful = PromptSet(
         tokenizer,
         texts.of("harmful", subset),
