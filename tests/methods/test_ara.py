@@ -365,6 +365,28 @@ def test_the_residual_pass_records_exactly_what_a_capture_pass_of_its_own_does(a
     assert sum(len(module._forward_hooks) for module in model.modules()) == hooks  # the recorder's left with the pass
 
 
+def test_a_linear_writers_rows_are_written_into_one_buffer_for_the_whole_pass():
+    """No per-batch copies: every batch of the pass writes into the same buffer, which
+    `captured` hands out as it is (copies kept between freed activations fragment the heap)."""
+    from apostate.directions.residuals import residual_means
+    from apostate.methods.ara.captures import direction_pass_recorders
+
+    model, tokenizer = tiny_model("qwen2", layers=2, seed=5)
+    adapter = attach_adapter(model, discover(model), 4)
+    linear, _, _ = capture_slots(adapter)
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in HARMLESS]  # fmt: skip
+    recorder = direction_pass_recorders(adapter, positions=2)["harmless"]
+    storages = []
+    after = model.register_forward_hook(lambda *_: storages.append(recorder.linear_rows[linear[0]].buffer.data_ptr()))
+    residual_means(model, tokenizer, texts, 5, "cpu", 1.0, "residuals", observer=recorder)
+    after.remove()
+    captured = recorder.captured()
+    assert len(storages) == 3 and len(set(storages)) == 1  # three batches, one buffer
+    assert captured[(linear[0], 0)].data_ptr() == storages[0]
+    assert captured[(linear[0], 0)].shape[0] == 2 * len(texts)
+
+
 def test_a_run_fits_ara_to_what_its_residual_pass_recorded_and_a_resumed_run_captures_again(tmp_path, monkeypatch):
     """A fresh run makes one pass over the direction prompts (no capture pass of its own); a run
     that reuses its start-up measurements has no residual pass to ride on, and captures."""

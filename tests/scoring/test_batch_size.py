@@ -47,3 +47,11 @@ def test_a_burst_no_longer_ends_the_search_at_a_tiny_size(monkeypatch):
     monkeypatch.setattr(calibration, "choose_batch_size", lambda measured: rates.append(measured) or 0)
     choice(monkeypatch, load)
     assert sorted(rates[0]) == [1, 2, 4, 8, 16, 32, 50]
+
+
+def test_a_slow_models_rates_are_printed_with_their_digits(monkeypatch, capsys):
+    """A 1.5B model on two cores makes well under 0.1 responses/s at small sizes: "0.0" hid them."""
+    monkeypatch.setattr(calibration, "_timed", lambda model, tokenizer, texts, new_tokens, *_: 30.0 * new_tokens)
+    calibration.find_batch_size(None, None, ["text"] * 2, 2, "cpu", 32)
+    printed = capsys.readouterr().err
+    assert "batch size 1: 0.00101 responses/s" in printed and "0.0 responses" not in printed

@@ -10,10 +10,12 @@ import torch
 
 class PassObserver(Protocol):
     """What a pass over prompt batches may carry for another stage: entered around the pass (to
-    hook the model), told each batch (indices into the texts, model inputs) before its forward."""
+    hook the model), told how many texts it runs (`expect`), then each batch (indices into the
+    texts, model inputs) before its forward."""
 
     def __enter__(self) -> PassObserver: ...
     def __exit__(self, *exc) -> None: ...
+    def expect(self, count: int) -> None: ...
     def batch(self, indices: list[int], inputs: dict) -> None: ...
 
 

@@ -43,6 +43,8 @@ def residual_means(
     total: Tensor | None = None
     even: Tensor | None = None
     with observer or nullcontext(), track(label, total=len(texts)) as advance:
+        if observer is not None:
+            observer.expect(len(texts))
         for indices, inputs in batches(tokenizer, texts, batch_size, device):
             if observer is not None:
                 observer.batch(indices, inputs)

@@ -46,7 +46,7 @@ def find_batch_size(
         except torch.OutOfMemoryError:
             break
         rates[size] = rate
-        console.print(f"  * batch size {size}: {rate:.1f} responses/s (estimated)")
+        console.print(f"  * batch size {size}: {rate:.3g} responses/s (estimated)")
         if rate < CLEARLY_SLOWER * max(rates.values()):
             break  # clearly past the best, measured twice: larger batches only cost more
     return choose_batch_size(rates)
@@ -58,7 +58,7 @@ def choose_batch_size(rates: dict[int, float]) -> int:
     chosen = max(size for size, rate in rates.items() if rate >= SAME_SPEED * best)
     fastest = max(rates, key=rates.get)
     why = "the fastest measured" if chosen == fastest else f"as fast as {fastest} within timing noise, and larger"
-    console.print(f"  * chose {chosen}: {why} ({rates[chosen]:.1f} responses/s)")
+    console.print(f"  * chose {chosen}: {why} ({rates[chosen]:.3g} responses/s)")
     return chosen
 
 
