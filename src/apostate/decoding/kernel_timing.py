@@ -56,12 +56,15 @@ class KernelTimer:
         if key not in self.choices:
             sample = weight.detach()[:SAMPLE_OUTPUTS].contiguous()
             transposed = sample.t().contiguous().t()
-            inputs = _inputs(sample)
-            column_major = sum(_seconds(lambda x: F.linear(x, transposed), x) for x in inputs)
-            row_major = sum(
-                min(_seconds(lambda x: F.linear(x, sample), x), _seconds(lambda x: onednn_linear(x, sample), x))
-                for x in inputs
-            )
+            ways = [
+                partial(F.linear, weight=transposed),
+                partial(F.linear, weight=sample),
+                partial(onednn_linear, weight=sample),
+            ]
+            column_major = row_major = 0.0
+            for x in _inputs(sample):
+                column, mkl, onednn = _best_seconds(ways, x)
+                column_major, row_major = column_major + column, row_major + min(mkl, onednn)
             self.choices[key] = column_major < MARGIN * row_major
         return self.choices[key]
 
@@ -131,14 +134,21 @@ def _inputs(weight: torch.Tensor, row_counts=ROWS) -> list[torch.Tensor]:
 @torch.inference_mode()
 def _faster(candidate: Callable, current: Callable, inputs: list[torch.Tensor]) -> bool:
     """True if `candidate` takes clearly less time than `current` over all inputs (best of a few runs)."""
-    return sum(_seconds(candidate, x) for x in inputs) < MARGIN * sum(_seconds(current, x) for x in inputs)
+    times = [_best_seconds([candidate, current], x) for x in inputs]
+    return sum(first for first, _ in times) < MARGIN * sum(second for _, second in times)
 
 
-def _seconds(function: Callable, x: torch.Tensor, repeats: int = 5) -> float:
-    function(x)  # warm-up: first calls pay for allocation and kernel selection
-    best = float("inf")
+def _best_seconds(functions: list[Callable], x: torch.Tensor, repeats: int = 5) -> list[float]:
+    """Each function's best time on `x`, the functions run in turn, round after round: a burst
+    of load on the machine slows whichever is running, so timing one way after the other could
+    put the whole burst on one of them and flip the choice (a 1.5B model's start-up, with a test
+    run beside it, made no weight column-major where an idle one made 29)."""
+    for function in functions:
+        function(x)  # warm-up: first calls pay for allocation and kernel selection
+    best = [float("inf")] * len(functions)
     for _ in range(repeats):
-        start = time.perf_counter()
-        function(x)
-        best = min(best, time.perf_counter() - start)
+        for index, function in enumerate(functions):
+            start = time.perf_counter()
+            function(x)
+            best[index] = min(best[index], time.perf_counter() - start)
     return best
