@@ -5,7 +5,7 @@ from tiny import tiny_model
 
 from apostate.decoding import CpuKernels, kernel_timing
 from apostate.decoding.cpu_kernels import route_linears
-from apostate.decoding.kernel_timing import ROW_RANGES
+from apostate.decoding.kernel_timing import ROW_RANGES, KernelTimer
 
 
 def test_layers_routed_to_onednn_give_the_same_outputs_and_see_in_place_edits():
@@ -79,9 +79,9 @@ def test_a_column_major_weight_is_timed_on_a_dense_sample(monkeypatch):
 
     def record(candidate, current, inputs):
         timed.extend(f.keywords["weight"] for f in (candidate, current) if hasattr(f, "keywords"))
-        return False
+        return 1.0, 1.0
 
-    monkeypatch.setattr(kernel_timing, "_faster", record)
+    monkeypatch.setattr(kernel_timing, "_times", record)
     weight = torch.randn(8192, 64).t().contiguous().t()  # column-major, as the kernels store some weights
     kernel_timing.KernelTimer().onednn_pays(weight)
     assert timed and all(sample.shape == (kernel_timing.SAMPLE_OUTPUTS, 64) for sample in timed)
@@ -103,6 +103,23 @@ def test_a_burst_of_load_while_one_way_is_timed_does_not_flip_the_choice(monkeyp
         return run
 
     monkeypatch.setattr(kernel_timing.time, "perf_counter", lambda: clock[0])
-    assert kernel_timing._faster(way(0.8), way(1.0), [torch.zeros(1)])
+    first, second = kernel_timing._times(way(0.8), way(1.0), [torch.zeros(1)])
+    assert first < kernel_timing.MARGIN * second
     calls[0] = 0
-    assert not kernel_timing._faster(way(1.0), way(0.8), [torch.zeros(1)])
+    first, second = kernel_timing._times(way(1.0), way(0.8), [torch.zeros(1)])
+    assert second < kernel_timing.MARGIN * first
+
+
+def test_the_console_is_told_what_each_timed_choice_measured(monkeypatch):
+    """A timed choice says what it measured: per weight shape, the seconds of both ways."""
+    model, _ = tiny_model("qwen2", layers=1, seed=4)
+    monkeypatch.setattr(kernel_timing, "_best_seconds", lambda ways, x: [0.002] + [0.001] * (len(ways) - 1))
+    kernels = CpuKernels()
+    told = kernels.apply(model)
+    shape = "x".join(map(str, model.model.layers[0].mlp.down_proj.weight.shape))
+    line = next(line for line in told.splitlines() if line.startswith(f"  * {shape}:"))
+    assert "column-major 4 ms against row-major 2 ms" in line  # two row counts timed, 2 ms and 1 ms each
+    assert "oneDNN/MKL at 16 rows 2 ms/1 ms, 128 rows 2 ms/1 ms, 512 rows 2 ms/1 ms" in line
+    head = "x".join(map(str, model.get_output_embeddings().weight.shape))
+    assert any(line.startswith(f"  * {head}:") and "bfloat16 screen" in line for line in told.splitlines())
+    assert CpuKernels(KernelTimer(kernels.timer.choices)).apply(model) == ""  # choices read back: nothing timed

@@ -37,12 +37,14 @@ class CpuKernels:
         """Choose each weight's layout and each Linear layer's library; what was chosen, for the console."""
         transposed = column_major_cpu_weights(model, self.timer.column_major_pays)
         self.routed += route_linears(model, self.timer.onednn_pays)
-        if not transposed and not self.routed:
+        self.greedy_head(model)  # timed now, so that every timed choice is told together
+        if not transposed and not self.routed and not self.timer.measured:
             return ""
-        return (
+        lines = [
             f"* Timed on this CPU: {transposed} weights column-major, "
             f"{len(self.routed)} Linear layers on oneDNN for some row counts"
-        )
+        ]
+        return "\n".join(lines + [f"  * {line}" for line in self.timer.report()])
 
     def restore(self) -> None:
         """Give every routed Linear layer its own forward back (weight layouts stay: same values)."""

@@ -42,6 +42,9 @@ class KernelTimer:
 
     def __init__(self, choices: dict[str, bool | tuple[bool, ...]] | None = None):
         self.choices: dict[str, bool | tuple[bool, ...]] = dict(choices or {})
+        # What was timed in this process, per weight shape, for the console (choices read from a
+        # run folder were timed by the run that wrote them, and are not listed).
+        self.measured: dict[str, list[str]] = {}
 
     def write(self, path: Path) -> None:
         """Keep the choices made so far in `path` (JSON), written whole or not at all."""
@@ -66,6 +69,7 @@ class KernelTimer:
                 column, mkl, onednn = _best_seconds(ways, x)
                 column_major, row_major = column_major + column, row_major + min(mkl, onednn)
             self.choices[key] = column_major < MARGIN * row_major
+            self._tell(weight, f"column-major {_ms(column_major)} against row-major {_ms(row_major)}")
         return self.choices[key]
 
     def bfloat16_screen_pays(self, weight: torch.Tensor) -> bool:
@@ -75,9 +79,9 @@ class KernelTimer:
             sample = timing_sample(weight)
             screen = sample.to(torch.bfloat16)
             inputs = _inputs(sample)
-            self.choices[key] = _faster(
-                lambda x: F.linear(x.to(torch.bfloat16), screen), lambda x: F.linear(x, sample), inputs
-            )
+            times = _times(lambda x: F.linear(x.to(torch.bfloat16), screen), lambda x: F.linear(x, sample), inputs)
+            self.choices[key] = times[0] < MARGIN * times[1]
+            self._tell(weight, f"bfloat16 screen {_ms(times[0])} against float32 {_ms(times[1])}")
         return self.choices[key]
 
     def onednn_pays(self, weight: torch.Tensor) -> tuple[bool, ...]:
@@ -85,11 +89,25 @@ class KernelTimer:
         key = _key("oneDNN", tuple(weight.shape), weight.stride(), weight.dtype)
         if key not in self.choices:
             sample = timing_sample(weight)
-            self.choices[key] = tuple(
-                _faster(partial(onednn_linear, weight=sample), partial(F.linear, weight=sample), [x])
-                for x in _inputs(sample, [rows for _, rows in ROW_RANGES])
+            rows = [timed for _, timed in ROW_RANGES]
+            times = [
+                _times(partial(onednn_linear, weight=sample), partial(F.linear, weight=sample), [x])
+                for x in _inputs(sample, rows)
+            ]
+            self.choices[key] = tuple(onednn < MARGIN * mkl for onednn, mkl in times)
+            pairs = ", ".join(
+                f"{count} rows {_ms(onednn)}/{_ms(mkl)}" for count, (onednn, mkl) in zip(rows, times, strict=True)
             )
+            self._tell(weight, f"oneDNN/MKL at {pairs}")
         return self.choices[key]
+
+    def _tell(self, weight: torch.Tensor, timed: str) -> None:
+        self.measured.setdefault("x".join(map(str, weight.shape)), []).append(timed)
+
+    def report(self) -> list[str]:
+        """One line per weight shape timed in this process: what each way took (best of 5 runs, the
+        ways run in turn; another way is used only where it is at least 5% faster)."""
+        return [f"{shape}: {'; '.join(timed)}" for shape, timed in self.measured.items()]
 
 
 def timing_sample(weight: torch.Tensor) -> torch.Tensor:
@@ -132,10 +150,14 @@ def _inputs(weight: torch.Tensor, row_counts=ROWS) -> list[torch.Tensor]:
 
 
 @torch.inference_mode()
-def _faster(candidate: Callable, current: Callable, inputs: list[torch.Tensor]) -> bool:
-    """True if `candidate` takes clearly less time than `current` over all inputs (best of a few runs)."""
+def _times(candidate: Callable, current: Callable, inputs: list[torch.Tensor]) -> tuple[float, float]:
+    """Seconds of `candidate` and of `current` over all inputs (each the best of a few runs)."""
     times = [_best_seconds([candidate, current], x) for x in inputs]
-    return sum(first for first, _ in times) < MARGIN * sum(second for _, second in times)
+    return sum(first for first, _ in times), sum(second for _, second in times)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.3g} ms"
 
 
 def _best_seconds(functions: list[Callable], x: torch.Tensor, repeats: int = 5) -> list[float]:
