@@ -55,10 +55,11 @@ class WriterInputRecorder:
     residual pass reads the same prompts in the same batches: one pass serves both).
 
     Used as a context manager around the pass (forward hooks on the writers), told how many
-    texts it runs (`expect`) and each batch before its forward (`batch`). `captured` gives, per (slot, expert), the rows in prompt order
-    (a prompt's positions together, first to last), on `keep_on`: a Linear writer has `positions`
-    rows for every text; an expert only for the (text, position) tokens routed to it. Rows keep
-    the dtype the model computed them in (a wider one would hold no more information);
+    texts it runs (`expect`) and each batch before its forward (`batch`). `captured` gives, per
+    (slot, expert), the rows in prompt order (a prompt's positions together, first to last), on
+    `keep_on`: a Linear writer has `positions` rows for every text; an expert only for the
+    (text, position) tokens routed to it. Rows keep the dtype the model computed them in (a
+    wider one would hold no more information);
     build_captures widens one module at a time.
     """
 
@@ -97,8 +98,9 @@ class WriterInputRecorder:
         """The next forward runs these prompts (indices into the pass's texts)."""
         for recorder in self.recorders.values():
             recorder.batch = (indices, *inputs["input_ids"].shape)
+        prompts = torch.tensor(indices)  # one tensor shared by every writer's hook
         for rows in self.linear_rows.values():
-            rows.indices = torch.tensor(indices)
+            rows.indices = prompts
         self.order.extend(indices)
 
     def saw(self, count: int) -> bool:
